@@ -1,0 +1,28 @@
+# The two commands in the README: `make demo` (the main job) and `make test` (the tests).
+# Both create .venv and install what they need, so they work from a clean clone.
+PYTHON ?= python3
+VENV ?= .venv
+BIN = $(VENV)/bin
+
+.PHONY: demo test lint system-deps
+
+$(BIN)/.medcap-installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first and alone: pip takes the local CPU wheel, never a CUDA build.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+system-deps:
+	bash scripts/install-system-deps.sh
+
+demo: $(BIN)/.medcap-installed
+	$(BIN)/medcap run --out runs/demo
+
+lint: $(BIN)/.medcap-installed
+	$(BIN)/ruff check medcap tests benchmarks
+	$(BIN)/ruff format --check medcap tests benchmarks
+
+test: $(BIN)/.medcap-installed system-deps lint
+	$(BIN)/python -m pytest

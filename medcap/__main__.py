@@ -1,0 +1,5 @@
+import sys
+
+from medcap.cli import main
+
+sys.exit(main())
