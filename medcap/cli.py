@@ -12,7 +12,10 @@ import sys
 
 # (subcommand words) -> (target, one-line help). A plain table, read top to bottom.
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
-    ("run",): ("medcap.pipeline:cli", "the main job: phantoms -> prepare -> train -> predict -> evaluate -> report"),
+    ("run",): (
+        "medcap.pipeline:cli",
+        "the main job: phantoms -> prepare -> train -> predict -> evaluate -> report",
+    ),
     ("data", "phantoms"): ("medcap.phantoms:cli", "write the synthetic phantom dataset in the ROCOv2 layout"),
     ("data", "prepare"): ("medcap.data:cli_prepare", "check a ROCOv2-layout dataset and write manifests"),
     ("data", "stats"): ("medcap.data:cli_stats", "summarise prepared manifests, with plots"),

@@ -82,9 +82,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin in (list, tuple):
         if isinstance(value, str):
             # Command line: "a,b,c" or a YAML flow list "[a, b]".
-            parsed = yaml.safe_load(value) if value.strip().startswith("[") else [
-                v.strip() for v in value.split(",") if v.strip()
-            ]
+            parsed = (
+                yaml.safe_load(value)
+                if value.strip().startswith("[")
+                else [v.strip() for v in value.split(",") if v.strip()]
+            )
             value = parsed
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
