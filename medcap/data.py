@@ -123,6 +123,15 @@ _EXT_FORMATS = {
     ".gif": "GIF",
     ".webp": "WEBP",
 }
+_SIGNATURES = [
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG", "PNG"),
+    (b"GIF8", "GIF"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"BM", "BMP"),
+    (b"RIFF", "WEBP"),
+]
 _SINGLE_CHANNEL_MODES = {"1", "L", "LA", "La", "I", "F", "I;16", "I;16B", "I;16L", "I;16N"}
 # Zero-width format characters (Unicode Cf) seen in real captions; invisible, so removed.
 _ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u200e\u200f\u2060\ufeff"), None)
@@ -674,9 +683,11 @@ def _color_fraction(im: Image.Image, threshold: int) -> float:
 
 
 def _reduced_decode(im: Image.Image) -> Image.Image:
-    """Decode at about 1/8 scale: JPEG draft mode (DC terms only), else decode and reduce."""
+    """Decode at up to 1/8 scale: JPEG draft mode (DC terms only), else decode and reduce. The
+    scale keeps at least 64 pixels on the short side, so small marks stay small on small images."""
     w, h = im.size
-    target = (max(1, w // 8), max(1, h // 8))
+    scale = next(s for s in (8, 4, 2, 1) if min(w, h) // s >= 64 or s == 1)
+    target = (max(1, w // scale), max(1, h // scale))
     if im.format == "JPEG":
         im.draft(None, target)  # keeps the stored mode; libjpeg decodes at 1/8 scale
         im.load()
@@ -717,7 +728,17 @@ def inspect_image(path: str, opts: InspectOptions) -> ImageInfo:
         except UnidentifiedImageError:
             f.seek(0)
             head = f.read(8)
-            info.reason, info.detail = "unreadable", f"not a recognised image format (first bytes {head!r})"
+            kind = next((k for sig, k in _SIGNATURES if head.startswith(sig)), None)
+            if kind:  # the format is recognisable but its header is damaged
+                info.reason, info.detail = (
+                    "corrupt",
+                    f"starts like a {kind} file but its header cannot be parsed",
+                )
+            else:
+                info.reason, info.detail = (
+                    "unreadable",
+                    f"not a recognised image format (first bytes {head!r})",
+                )
             return info
         except Image.DecompressionBombError as e:  # only if a caller re-enabled Pillow's own guard
             info.reason, info.detail = "too_many_pixels", str(e)
@@ -1444,7 +1465,7 @@ def write_plots(prep: Path, stats: dict[str, dict[str, Any]]) -> list[Path]:
         vals = [stats[name]["modality"].get(m, 0) for m in MODALITIES]
         bars = ax.bar(x + (k - (len(names) - 1) / 2) * width, vals, width, label=name)
         ax.bar_label(bars, fontsize=7, padding=1)
-    ax.set_xticks(x, MODALITIES)
+    ax.set_xticks(x, MODALITIES, rotation=15)
     ax.set_ylabel("kept images")
     ax.set_title("Modality (from concepts_manual)")
     if names:
