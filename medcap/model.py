@@ -1,0 +1,1143 @@
+"""BLIP-2 + PEFT: the model factory, the caption collator and checkpoints.
+
+``build_model(cfg) -> (model, processor)`` is a factory with plain branches, not a registry:
+
+* ``name_or_path`` is a hub id (``Salesforce/blip2-opt-6.7b``), a local folder, ``tiny`` or ``tiny-t5``;
+* ``random_init: true`` builds the full-size architecture from the config shipped in
+  ``medcap/model_configs/<name>/config.json`` with cheap random weights (no hub, no slow init), and an
+  offline byte-level BPE tokenizer shipped in ``medcap/model_configs/tokenizer/``;
+* precision (fp32/fp16/bf16), bitsandbytes 8-bit / 4-bit NF4 loading, gradient checkpointing;
+* PEFT (LoRA, QLoRA, DoRA, rsLoRA, (IA)3) with named target presets whose scope is explicit, or full
+  training of the Q-Former / vision tower / projection, or a full fine-tune.
+
+Another image-text-to-text family (LLaVA, Qwen-VL ...) is one more branch in ``_build_base`` and in
+the ``FAMILY`` tables below: the collator, PEFT and checkpoint code only ask for ``family``.
+
+``CaptionCollator`` turns (image, caption) pairs into training batches. The image tokens are inserted
+by the PROCESSOR (tokenizing with ``processor.tokenizer`` alone silently drops the image in
+transformers 5.x), labels are -100 at padding, image tokens and prompt, and an EOS ends each caption so
+the model learns to stop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from PIL import Image
+
+from medcap.config import ConfigError, from_dict
+
+log = logging.getLogger(__name__)
+
+MODEL_CONFIGS_DIR = Path(__file__).resolve().parent / "model_configs"
+TOKENIZER_DIR = MODEL_CONFIGS_DIR / "tokenizer"
+
+#: Hub ids whose configs ship in ``model_configs/<short name>/config.json``.
+SHIPPED_CONFIGS = {
+    "Salesforce/blip2-opt-6.7b": "blip2-opt-6.7b",
+    "Salesforce/blip2-opt-2.7b": "blip2-opt-2.7b",
+    "Salesforce/blip2-flan-t5-xl": "blip2-flan-t5-xl",
+}
+
+#: Built-in tiny models for tests and the demo (no hub, built in milliseconds).
+TINY_NAMES = ("tiny", "tiny-t5")
+
+Family = Literal["auto", "blip2-opt", "blip2-t5"]
+FAMILIES = ("blip2-opt", "blip2-t5")
+#: Families whose language model is a decoder only (the prompt is part of the sequence and the
+#: generated ids repeat it) versus encoder-decoder (the prompt goes to the encoder).
+DECODER_ONLY = {"blip2-opt": True, "blip2-t5": False}
+
+# ---------------------------------------------------------------------------------------------
+# LoRA target presets. Each preset is a regex over full module names (peft matches it with
+# re.fullmatch), so the scope is explicit: "language_model" alone never reaches the vision tower's
+# fc1/fc2 or the Q-Former. Presets are per family because module names differ (OPT q_proj, T5 q).
+# ---------------------------------------------------------------------------------------------
+_LM = r"language_model\..*\."
+_QF = r"qformer\..*\."
+TARGET_PRESETS: dict[str, dict[str, str]] = {
+    "blip2-opt": {
+        "lm-qv": _LM + r"(q_proj|v_proj)",
+        "lm-attn": _LM + r"(q_proj|k_proj|v_proj|out_proj)",
+        "lm-all": _LM + r"(q_proj|k_proj|v_proj|out_proj|fc1|fc2)",
+        "qformer-qv": _QF + r"attention\.(query|value)",
+        "qformer-attn": _QF + r"attention\.(query|key|value)",
+    },
+    "blip2-t5": {
+        "lm-qv": _LM + r"(q|v)",
+        "lm-attn": _LM + r"(q|k|v|o)",
+        "lm-all": _LM + r"(q|k|v|o|wi|wi_0|wi_1|wo)",
+        "qformer-qv": _QF + r"attention\.(query|value)",
+        "qformer-attn": _QF + r"attention\.(query|key|value)",
+    },
+}
+#: Module name endings that (IA)3 treats as feed-forward (it scales their input, not output).
+FEEDFORWARD_NAMES = {"blip2-opt": ("fc1", "fc2"), "blip2-t5": ("wi", "wi_0", "wi_1", "wo")}
+
+
+@dataclass
+class PeftSettings:
+    """Parameter-efficient fine-tuning: which method, its size, and where it lands."""
+
+    #: none | lora | dora | rslora | ia3. QLoRA is ``lora`` with ``model.quantization: 4bit``.
+    method: Literal["none", "lora", "dora", "rslora", "ia3"] = "lora"
+    #: LoRA rank.
+    r: int = 16
+    #: LoRA alpha (scaling alpha / r, or alpha / sqrt(r) for rslora).
+    alpha: float = 32.0
+    #: Dropout on the LoRA input.
+    dropout: float = 0.05
+    #: A preset expression such as ``lm-qv`` (the language model's q,v: PEFT's default and the
+    #: original project's), ``lm-attn`` (q,k,v,out), ``lm-all`` (all LM linears incl. fc1/fc2 of the
+    #: LANGUAGE MODEL ONLY), ``qformer-qv``, ``qformer-attn`` (Q-Former query,key,value, self and
+    #: cross attention), combined with ``+`` (``lm-all+qformer-attn``); or a list of module names
+    #: passed to PEFT as they are (PEFT matches a name anywhere: ``fc1`` reaches the vision tower too).
+    targets: str | list[str] = "lm-qv"
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ConfigError(f"peft.r: must be at least 1, got {self.r}")
+        if self.alpha <= 0:
+            raise ConfigError(f"peft.alpha: must be positive, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"peft.dropout: must be in [0, 1), got {self.dropout}")
+        if isinstance(self.targets, str) and "," in self.targets:
+            # From the command line "--model.peft.targets q_proj,v_proj" arrives as one string.
+            self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
+        if isinstance(self.targets, str):
+            names = [t.strip() for t in self.targets.split("+")]
+            known = sorted(TARGET_PRESETS["blip2-opt"])
+            bad = [n for n in names if n not in known]
+            if bad:
+                raise ConfigError(
+                    f"peft.targets: unknown preset {', '.join(map(repr, bad))}; presets are "
+                    f"{', '.join(known)} (join with '+'), or give a list of module names"
+                )
+        elif not self.targets:
+            raise ConfigError("peft.targets: the list of module names is empty")
+
+
+Precision = Literal["fp32", "fp16", "bf16"]
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class ModelConfig:
+    """Which model to build, in which precision, and which of its parameters train."""
+
+    #: A hub id (``Salesforce/blip2-opt-6.7b``), a local folder holding config.json (+ weights),
+    #: ``tiny`` (built-in tiny BLIP-2 with OPT) or ``tiny-t5`` (tiny BLIP-2 with a T5 encoder-decoder).
+    name_or_path: str = "Salesforce/blip2-opt-6.7b"
+    #: Model family; ``auto`` reads it from the config (``blip2-opt`` or ``blip2-t5``).
+    family: Family = "auto"
+    #: Build the architecture with random weights instead of loading them: no hub needed for the
+    #: shipped Salesforce configs. For dry runs, benchmarks and memory checks.
+    random_init: bool = False
+    #: Seed of the random weights (random_init and tiny models), so a checkpoint can rebuild them.
+    init_seed: int = 0
+    #: Weight dtype. The Q-Former and query tokens stay fp32 (as transformers does) to avoid NaNs.
+    precision: Precision = "fp32"
+    #: bitsandbytes weight quantization of the linear layers: 8-bit (LLM.int8) or 4-bit NF4 with
+    #: double quantization (QLoRA).
+    quantization: Literal["none", "8bit", "4bit"] = "none"
+    #: Compute dtype of 4-bit layers; ``auto`` takes ``precision`` (fp32 when precision is fp32).
+    compute_dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    #: Recompute activations in the backward pass (non-reentrant, works with LoRA) to save memory.
+    gradient_checkpointing: bool = False
+    #: Text the caption follows (LAVIS used "a photo of "); empty by default. It is masked out of the
+    #: loss and given again at generation time.
+    prompt: str = ""
+    #: Input image size in pixels (overrides the config's; position embeddings are interpolated).
+    image_size: int | None = None
+    #: Parameter-efficient fine-tuning.
+    peft: PeftSettings = field(default_factory=PeftSettings)
+    #: Train the whole Q-Former and the query tokens (BLIP-2's own caption fine-tune does).
+    train_qformer: bool = False
+    #: Train the whole vision tower (BLIP-2's own caption fine-tune does; costs memory).
+    train_vision: bool = False
+    #: Train the linear projection from the Q-Former to the language model.
+    train_language_projection: bool = False
+    #: Train every parameter (for the tiny demo model; requires peft.method none).
+    full_finetune: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.name_or_path.strip():
+            raise ConfigError("model.name_or_path: empty; give a hub id, a local folder or 'tiny'")
+        if self.image_size is not None and self.image_size < 16:
+            raise ConfigError(f"model.image_size: {self.image_size} px is too small (at least 16)")
+        if self.full_finetune and self.peft.method != "none":
+            raise ConfigError(
+                "model.full_finetune trains every parameter; set model.peft.method: none "
+                f"(it is {self.peft.method!r})"
+            )
+        if self.full_finetune and self.quantization != "none":
+            raise ConfigError("model.full_finetune cannot train quantized weights; set quantization: none")
+        if (
+            self.quantization != "none"
+            and self.peft.method == "none"
+            and not (self.train_qformer or self.train_language_projection)
+        ):
+            raise ConfigError(
+                f"model.quantization {self.quantization} freezes the quantized weights: use a PEFT method "
+                "(peft.method: lora is QLoRA with 4bit) or train the Q-Former / projection"
+            )
+        if self.quantization != "none" and self.train_vision:
+            raise ConfigError(
+                "model.train_vision with quantization: the vision tower's linears are quantized and cannot "
+                "train; use quantization: none or train_vision: false"
+            )
+        if (
+            self.train_qformer
+            and self.peft.method != "none"
+            and isinstance(self.peft.targets, str)
+            and "qformer" in self.peft.targets
+        ):
+            raise ConfigError(
+                f"model.train_qformer trains the whole Q-Former, and peft.targets {self.peft.targets!r} "
+                "also puts adapters on it: choose one"
+            )
+        if not (
+            self.full_finetune
+            or self.peft.method != "none"
+            or self.train_qformer
+            or self.train_vision
+            or self.train_language_projection
+        ):
+            log.warning("model: nothing trains (peft.method none and no train_* flag); fine for inference")
+
+
+# ---------------------------------------------------------------------------------------------
+# Family resolution and configs
+# ---------------------------------------------------------------------------------------------
+
+
+def _family_of_text_config(text_cfg: Any, where: str) -> str:
+    model_type = text_cfg["model_type"] if isinstance(text_cfg, dict) else text_cfg.model_type
+    if model_type == "opt":
+        return "blip2-opt"
+    if model_type == "t5":
+        return "blip2-t5"
+    raise ConfigError(
+        f"{where}: language model type {model_type!r} is not supported; medcap builds BLIP-2 with "
+        "OPT (blip2-opt) or T5 (blip2-t5)"
+    )
+
+
+def _config_json_path(name_or_path: str) -> Path | None:
+    """The config.json that describes ``name_or_path`` without the hub (None for unknown hub ids)."""
+    local = Path(name_or_path).expanduser()
+    if local.is_dir():
+        return local / "config.json"
+    short = SHIPPED_CONFIGS.get(name_or_path) or (
+        name_or_path if name_or_path in SHIPPED_CONFIGS.values() else None
+    )
+    if short:
+        return MODEL_CONFIGS_DIR / short / "config.json"
+    return None
+
+
+def resolve_family(cfg: ModelConfig) -> str:
+    """The concrete family (``blip2-opt`` or ``blip2-t5``) of ``cfg``, reading configs if needed."""
+    if cfg.family != "auto":
+        return cfg.family
+    if cfg.name_or_path == "tiny":
+        return "blip2-opt"
+    if cfg.name_or_path == "tiny-t5":
+        return "blip2-t5"
+    path = _config_json_path(cfg.name_or_path)
+    if path is not None and path.is_file():
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("model_type") not in ("blip-2", None):
+            raise ConfigError(
+                f"model.name_or_path {cfg.name_or_path}: {path} describes a {data.get('model_type')!r} "
+                "model; medcap builds BLIP-2 (model_type blip-2)"
+            )
+        return _family_of_text_config(data.get("text_config", {"model_type": "opt"}), str(path))
+    # An unknown hub id: its config is not here; the name says it in every Salesforce release.
+    return "blip2-t5" if "t5" in cfg.name_or_path.lower() else "blip2-opt"
+
+
+def _blip2_config_from_file(path: Path):
+    from transformers import Blip2Config
+
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist: a local model folder needs its config.json")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return Blip2Config.from_dict(data)
+
+
+def tiny_blip2_config(family: str, vocab_size: int, image_token_index: int, special: dict[str, int]):
+    """The built-in tiny BLIP-2: builds in milliseconds, learns phantom facts on a CPU.
+
+    Vision hidden 128 (FACTS 3: hidden 64 learned modality but not lesion side/kind), 64 px images
+    with 8 px patches, a 2-layer Q-Former with cross-attention in every layer, 8 query tokens and a
+    2-layer, 64-wide language model.
+    """
+    from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, OPTConfig, T5Config
+
+    vision = Blip2VisionConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=64,
+        patch_size=8,
+        initializer_range=0.02,
+    )
+    qformer = Blip2QFormerConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        cross_attention_frequency=1,
+        encoder_hidden_size=128,
+        max_position_embeddings=64,
+        vocab_size=64,
+        # No dropout: the tiny model learns from scratch in a few hundred steps.
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    if family == "blip2-opt":
+        text = OPTConfig(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            word_embed_proj_dim=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            ffn_dim=256,
+            max_position_embeddings=512,
+            bos_token_id=special["bos"],
+            eos_token_id=special["eos"],
+            pad_token_id=special["pad"],
+            dropout=0.0,
+        )
+    else:
+        text = T5Config(
+            vocab_size=vocab_size,
+            d_model=64,
+            d_kv=16,
+            d_ff=128,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=4,
+            feed_forward_proj="gated-gelu",
+            tie_word_embeddings=False,
+            eos_token_id=special["eos"],
+            pad_token_id=special["pad"],
+            decoder_start_token_id=special["pad"],
+            dropout_rate=0.0,
+        )
+    return Blip2Config(
+        vision_config=vision.to_dict(),
+        qformer_config=qformer.to_dict(),
+        text_config=text.to_dict(),
+        num_query_tokens=8,
+        image_token_index=image_token_index,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The offline tokenizer and processor
+# ---------------------------------------------------------------------------------------------
+
+SPECIAL_TOKENS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>", "image": "<image>"}
+
+
+def train_caption_tokenizer(lines: list[str], vocab_size: int = 2048):
+    """Train a byte-level BPE (``tokenizers``) on ``lines``: any text encodes, none is unknown.
+
+    Special tokens come first, in a fixed order: ``<pad>`` 0, ``<s>`` 1, ``</s>`` 2, ``<unk>`` 3,
+    ``<image>`` 4. Used to write the shipped ``model_configs/tokenizer/tokenizer.json``
+    (``python -m medcap.model write-tokenizer``).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(lines, trainer=trainer)
+    return tok
+
+
+def write_shipped_tokenizer(vocab_size: int = 2048) -> Path:
+    """Regenerate ``model_configs/tokenizer/tokenizer.json`` from ``corpus.txt`` next to it."""
+    lines = (TOKENIZER_DIR / "corpus.txt").read_text(encoding="utf-8").splitlines()
+    tok = train_caption_tokenizer(lines, vocab_size)
+    out = TOKENIZER_DIR / "tokenizer.json"
+    tok.save(str(out), pretty=False)
+    return out
+
+
+def offline_tokenizer(family: str):
+    """The shipped byte-level BPE tokenizer as a transformers fast tokenizer.
+
+    OPT style (``blip2-opt``): ``<s>`` before the text, as OPT's tokenizer does. T5 style
+    (``blip2-t5``): ``</s>`` after the text, as T5's does.
+    """
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    path = TOKENIZER_DIR / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing (it ships with medcap); regenerate it with `python -m medcap.model write-tokenizer`"
+        )
+    tok = Tokenizer.from_file(str(path))
+    ids = {k: tok.token_to_id(v) for k, v in SPECIAL_TOKENS.items()}
+    if family == "blip2-t5":
+        tok.post_processor = processors.TemplateProcessing(
+            single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", ids["eos"])]
+        )
+    else:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", ids["bos"])]
+        )
+    # "<image>" is already a special token of the vocabulary (id 4); Blip2Processor registers it as its
+    # image token (as an AddedToken, which it needs) without creating a new id.
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token=SPECIAL_TOKENS["pad"],
+        bos_token=SPECIAL_TOKENS["bos"],
+        eos_token=SPECIAL_TOKENS["eos"],
+        unk_token=SPECIAL_TOKENS["unk"],
+        model_max_length=512,
+    )
+    return fast
+
+
+def _special_ids(tokenizer) -> dict[str, int]:
+    return {
+        "pad": tokenizer.pad_token_id,
+        "bos": tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.pad_token_id,
+        "eos": tokenizer.eos_token_id,
+        "image": tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS["image"]),
+    }
+
+
+def make_processor(tokenizer, image_size: int, num_query_tokens: int):
+    """A ``Blip2Processor`` from a tokenizer: CLIP mean/std, bicubic resize to ``image_size``.
+
+    The Pillow image processor is used because the torchvision one would need torchvision.
+    """
+    from transformers import Blip2Processor
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    image_processor = BlipImageProcessorPil(size={"height": image_size, "width": image_size})
+    return Blip2Processor(image_processor, tokenizer, num_query_tokens=num_query_tokens)
+
+
+def _round_up(n: int, multiple: int = 64) -> int:
+    return int(math.ceil(n / multiple) * multiple)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast random initialisation
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _random_fill(model: torch.nn.Module, seed: int, std: float = 0.02) -> None:
+    """Fill every parameter cheaply and reproducibly: normal(0, std) weights, zero biases, unit norms.
+
+    The default initialisation of BLIP2-OPT-6.7B took 96 s here (truncated normals, fp32 work on
+    every tensor); random weights for dry runs and benchmarks only need the right shapes and sane
+    scales. One generator seeded with ``seed`` makes the result reproducible on a given machine.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    seen: set[int] = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:  # tied weights (OPT's lm_head is its embedding)
+            continue
+        seen.add(id(param))
+        leaf = name.rsplit(".", 1)[-1]
+        owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        if isinstance(owner, torch.nn.LayerNorm) or "layer_norm" in name or "layernorm" in name:
+            param.fill_(1.0 if leaf == "weight" else 0.0)
+        elif leaf == "bias":
+            param.zero_()
+        elif type(owner).__name__ == "T5LayerNorm":
+            param.fill_(1.0)
+        else:
+            # Generate in fp32 chunks on the CPU generator, then cast: normal_ on bf16 with a
+            # generator is as fast, but chunking keeps the fp32 temporary small for 6.7B.
+            flat = param.view(-1)
+            chunk = 1 << 24
+            for start in range(0, flat.numel(), chunk):
+                piece = flat[start : start + chunk]
+                piece.copy_(torch.randn(piece.numel(), generator=gen, dtype=torch.float32).mul_(std))
+
+
+def _materialize_random(config, dtype: torch.dtype, seed: int):
+    """Build ``Blip2ForConditionalGeneration(config)`` without the default initialisation.
+
+    Parameters are created on the meta device (no memory, no init work), then allocated once in
+    ``dtype`` and filled by ``_random_fill``. Buffers (position ids) are built normally.
+    """
+    from accelerate import init_empty_weights
+    from transformers import Blip2ForConditionalGeneration
+
+    with init_empty_weights(include_buffers=False):
+        model = Blip2ForConditionalGeneration(config)
+    keep_fp32 = ("qformer.", "query_tokens")
+    for module_name, module in model.named_modules():
+        for pname, param in list(module.named_parameters(recurse=False)):
+            full = f"{module_name}.{pname}" if module_name else pname
+            want = torch.float32 if full.startswith(keep_fp32) else dtype
+            new = torch.nn.Parameter(torch.empty(param.shape, dtype=want), requires_grad=param.requires_grad)
+            module._parameters[pname] = new
+    # Tying was done on meta tensors; redo it on the real ones.
+    model.tie_weights()
+    _random_fill(model, seed, std=getattr(config, "initializer_range", 0.02))
+    model.config.dtype = dtype
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# build_model
+# ---------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(cfg: ModelConfig) -> torch.dtype:
+    if cfg.compute_dtype != "auto":
+        return DTYPES[cfg.compute_dtype]
+    return DTYPES[cfg.precision]
+
+
+def _quantization_config(cfg: ModelConfig):
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "8bit":
+        # The Q-Former stays fp32 and unquantized: transformers keeps _keep_in_fp32_modules out.
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["qformer", "language_projection"])
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=_compute_dtype(cfg),
+        llm_int8_skip_modules=["qformer", "language_projection"],
+    )
+
+
+def _device_map() -> dict[str, Any]:
+    """Quantized loading needs a device map: this process's GPU, or the CPU."""
+    if torch.cuda.is_available():
+        return {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    return {"": "cpu"}
+
+
+def _build_base(cfg: ModelConfig, family: str):
+    """The model and processor before PEFT / trainable flags: one branch per way of getting them."""
+    from transformers import AutoProcessor, Blip2ForConditionalGeneration
+
+    dtype = DTYPES[cfg.precision]
+    name = cfg.name_or_path
+    if name in TINY_NAMES or cfg.random_init:
+        tokenizer = offline_tokenizer(family)
+        special = _special_ids(tokenizer)
+        vocab = _round_up(len(tokenizer))
+        if name in TINY_NAMES:
+            config = tiny_blip2_config(family, vocab, special["image"], special)
+        else:
+            path = _config_json_path(name)
+            if path is None:
+                raise ConfigError(
+                    f"model.random_init: no config for {name!r} here; shipped configs are "
+                    f"{', '.join(SHIPPED_CONFIGS)}, or give a local folder with config.json"
+                )
+            config = _blip2_config_from_file(path)
+            # The offline tokenizer is smaller than the real one: point the special ids at it.
+            # The embedding keeps the real vocabulary size, so the parameter count is the real one.
+            config.image_token_index = special["image"]
+            text = config.text_config
+            text.pad_token_id = special["pad"]
+            text.eos_token_id = special["eos"]
+            if family == "blip2-opt":
+                text.bos_token_id = special["bos"]
+            else:
+                text.decoder_start_token_id = special["pad"]
+        if cfg.image_size:
+            config.vision_config.image_size = cfg.image_size
+        model = _materialize_random(config, dtype, cfg.init_seed)
+        if cfg.quantization != "none":
+            model = _quantize_in_memory(model, cfg)
+        processor = make_processor(tokenizer, config.vision_config.image_size, config.num_query_tokens)
+        return model, processor
+
+    # Pretrained weights: a hub id (the real code path; nothing downloads in tests) or a folder.
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if cfg.quantization != "none":
+        kwargs["quantization_config"] = _quantization_config(cfg)
+        kwargs["device_map"] = _device_map()
+    if family in ("blip2-opt", "blip2-t5"):
+        model = Blip2ForConditionalGeneration.from_pretrained(name, **kwargs)
+        processor = AutoProcessor.from_pretrained(name)
+        if getattr(processor, "num_query_tokens", None) is None:
+            processor.num_query_tokens = model.config.num_query_tokens
+    else:  # pragma: no cover - a new family is one more branch here
+        raise ConfigError(f"model.family {family!r} is not supported")
+    if cfg.image_size:
+        model.config.vision_config.image_size = cfg.image_size
+        processor.image_processor.size = {"height": cfg.image_size, "width": cfg.image_size}
+    return model, processor
+
+
+def _quantize_in_memory(model, cfg: ModelConfig):
+    """Quantize a random-init model's linears with bitsandbytes by a save/load round trip.
+
+    bitsandbytes quantizes while loading, so the random model goes through ``from_pretrained`` from a
+    temporary folder: the same code path as the hub weights.
+    """
+    import tempfile
+
+    from transformers import Blip2ForConditionalGeneration
+
+    with tempfile.TemporaryDirectory(prefix="medcap-quant-") as tmp:
+        model.save_pretrained(tmp)
+        dtype = DTYPES[cfg.precision]
+        del model
+        quantized = Blip2ForConditionalGeneration.from_pretrained(
+            tmp,
+            dtype=dtype,
+            quantization_config=_quantization_config(cfg),
+            device_map=_device_map(),
+        )
+    return quantized
+
+
+def resolve_targets(model: torch.nn.Module, settings: PeftSettings, family: str) -> tuple[Any, list[str]]:
+    """The ``target_modules`` for PEFT (a regex or a list) and the module names it matches.
+
+    Raises ``ConfigError`` when nothing matches, so a typo never trains nothing.
+    """
+    if isinstance(settings.targets, str):
+        presets = TARGET_PRESETS[family]
+        parts = [presets[n.strip()] for n in settings.targets.split("+")]
+        pattern = "|".join(f"(?:{p})" for p in parts)
+        regex = re.compile(pattern)
+        matched = [
+            n for n, m in model.named_modules() if regex.fullmatch(n) and isinstance(m, _LINEAR_TYPES())
+        ]
+        target: Any = pattern
+    else:
+        names = list(settings.targets)
+        matched = [
+            n
+            for n, m in model.named_modules()
+            if isinstance(m, _LINEAR_TYPES()) and any(n == t or n.endswith("." + t) for t in names)
+        ]
+        target = names
+    if not matched:
+        raise ConfigError(f"model.peft.targets {settings.targets!r} matches no linear layer of this model")
+    return target, matched
+
+
+def _LINEAR_TYPES() -> tuple[type, ...]:  # noqa: N802 - a constant computed lazily (bitsandbytes import)
+    types_: list[type] = [torch.nn.Linear]
+    with contextlib.suppress(Exception):
+        import bitsandbytes as bnb
+
+        types_ += [bnb.nn.Linear8bitLt, bnb.nn.Linear4bit]
+    return tuple(types_)
+
+
+def _apply_peft(model, cfg: ModelConfig, family: str):
+    from peft import IA3Config, LoraConfig, get_peft_model
+
+    settings = cfg.peft
+    target, matched = resolve_targets(model, settings, family)
+    if settings.method == "ia3":
+        ff_names = FEEDFORWARD_NAMES[family]
+        if isinstance(target, str):
+            ff = [n for n in matched if n.rsplit(".", 1)[-1] in ff_names]
+            target = matched  # explicit names so feedforward_modules can be a subset of them
+        else:
+            ff = [t for t in target if t.rsplit(".", 1)[-1] in ff_names]
+        peft_cfg = IA3Config(target_modules=target, feedforward_modules=ff)
+    else:
+        peft_cfg = LoraConfig(
+            r=settings.r,
+            lora_alpha=settings.alpha,
+            lora_dropout=settings.dropout,
+            target_modules=target,
+            use_dora=settings.method == "dora",
+            use_rslora=settings.method == "rslora",
+            bias="none",
+        )
+    return get_peft_model(model, peft_cfg), matched
+
+
+def _set_trainable(model, cfg: ModelConfig) -> None:
+    inner = _unwrap(model)
+    if cfg.full_finetune:
+        for p in inner.parameters():
+            p.requires_grad_(True)
+        return
+    if cfg.train_qformer:
+        for p in inner.qformer.parameters():
+            p.requires_grad_(True)
+        inner.query_tokens.requires_grad_(True)
+    if cfg.train_vision:
+        for p in inner.vision_model.parameters():
+            p.requires_grad_(True)
+    if cfg.train_language_projection:
+        for p in inner.language_projection.parameters():
+            p.requires_grad_(True)
+
+
+def _unwrap(model):
+    """The Blip2ForConditionalGeneration inside a PeftModel (or the model itself)."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        return model.get_base_model()
+    return model
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights count as their unpacked size."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if p.__class__.__name__ == "Params4bit":
+            n *= 2  # two 4-bit values per stored byte
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def build_model(cfg: ModelConfig, verbose: bool = True):
+    """Build the BLIP-2 model and its processor as ``cfg`` says, with PEFT and trainable flags applied.
+
+    Returns ``(model, processor)``. The model is a ``PeftModel`` when ``cfg.peft.method`` is not
+    ``none``. The model is in eval mode (call ``model.train()`` to train). ``model.medcap_config`` holds ``cfg`` and ``model.medcap_lora_modules`` the names of the
+    modules that got adapters. Prints the trainable and total parameter counts (``verbose``).
+    """
+    start = time.perf_counter()
+    family = resolve_family(cfg)
+    if cfg.random_init and cfg.name_or_path not in TINY_NAMES and cfg.quantization != "none":
+        log.info("random_init with quantization: the random model is quantized through a temporary save")
+    model, processor = _build_base(cfg, family)
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if cfg.quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        # Casts the non-quantized parameters (norms, Q-Former, projection) to fp32 for stable
+        # training, and enables gradient checkpointing (non-reentrant) if asked.
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    matched: list[str] = []
+    if cfg.peft.method != "none":
+        model, matched = _apply_peft(model, cfg, family)
+    _set_trainable(model, cfg)
+    if cfg.gradient_checkpointing and cfg.peft.method != "none" and not cfg.train_vision:
+        # With frozen embeddings the checkpointed blocks would see inputs without grad; PEFT's helper
+        # makes the input embeddings require grad so the adapters inside receive gradients.
+        _unwrap(model).language_model.enable_input_require_grads()
+
+    # Eval mode, as from_pretrained returns it: the training loop calls model.train() itself.
+    model.eval()
+    model.medcap_config = cfg
+    model.medcap_family = family
+    model.medcap_lora_modules = matched
+    trainable, total = count_parameters(model)
+    if verbose:
+        seconds = time.perf_counter() - start
+        print(
+            f"model {cfg.name_or_path} ({family}, {cfg.precision}, quantization {cfg.quantization}): "
+            f"{total / 1e6:,.2f}M parameters, {trainable / 1e6:,.3f}M trainable "
+            f"({100 * trainable / max(total, 1):.3f}%), built in {seconds:.1f} s"
+        )
+        if cfg.peft.method != "none":
+            print(f"peft {cfg.peft.method} r={cfg.peft.r} on {len(matched)} modules: {_summarize(matched)}")
+    return model, processor
+
+
+def _summarize(names: list[str]) -> str:
+    """Module names with layer numbers folded: ``language_model.model.decoder.layers.*.self_attn.q_proj``."""
+    folded = sorted({re.sub(r"\.\d+\.", ".*.", n) for n in names})
+    return ", ".join(folded)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------------------------
+
+
+class CaptionCollator:
+    """Turn a list of ``(PIL image, caption)`` into a training batch.
+
+    Returns ``pixel_values``, ``input_ids``, ``attention_mask`` and ``labels`` (and, for encoder-decoder
+    families, ``decoder_attention_mask``):
+
+    * decoder-only (OPT): the processor builds ``<image>*N <s> prompt`` (the image tokens come from the
+      PROCESSOR, never from the bare tokenizer), the caption tokens and an EOS follow, right padding;
+      labels are the same length as ``input_ids``, -100 at padding, image tokens and prompt;
+    * encoder-decoder (T5): ``<image>*N prompt </s>`` goes to the encoder, the caption + EOS are the
+      labels, -100 at padding.
+
+    ``max_length`` caps the whole decoder-only sequence (image tokens included, as the processor counts)
+    or the T5 labels. A caption cut by it loses its EOS (it did not end there); ``truncated`` counts them.
+    """
+
+    def __init__(self, processor, model_cfg: ModelConfig, max_length: int = 128):
+        self.processor = processor
+        self.cfg = model_cfg
+        self.family = resolve_family(model_cfg)
+        self.decoder_only = DECODER_ONLY[self.family]
+        self.max_length = max_length
+        self.tokenizer = processor.tokenizer
+        self.num_query_tokens = processor.num_query_tokens
+        image_token = getattr(processor.image_token, "content", processor.image_token)
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(image_token)
+        if self.tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token; set processor.tokenizer.pad_token")
+        self.eos_id = self.tokenizer.eos_token_id
+        self.truncated = 0
+        # The prompt tokens are fixed: measure them once.
+        self.prompt_ids = self._prompt_encoding([Image.new("RGB", (8, 8))])["input_ids"][0].tolist()
+        if self.decoder_only and len(self.prompt_ids) + 2 > max_length:
+            raise ValueError(
+                f"max_length {max_length} leaves no room for a caption after {len(self.prompt_ids)} "
+                "image and prompt tokens; raise max_length"
+            )
+
+    def _prompt_encoding(self, images: list[Image.Image]):
+        return self.processor(images=images, text=[self.cfg.prompt] * len(images), return_tensors="pt")
+
+    def _caption_ids(self, caption: str) -> list[int]:
+        ids = self.tokenizer(caption, add_special_tokens=False)["input_ids"]
+        return [i for i in ids if i != self.image_token_id]
+
+    def __call__(self, batch: list[tuple[Image.Image, str]]) -> dict[str, torch.Tensor]:
+        if not batch:
+            raise ValueError("CaptionCollator got an empty batch")
+        images = [img for img, _ in batch]
+        captions = [cap for _, cap in batch]
+        enc = self._prompt_encoding(images)
+        pad = self.tokenizer.pad_token_id
+        if self.decoder_only:
+            prompt = enc["input_ids"]
+            if prompt.shape[1] != len(self.prompt_ids):
+                raise RuntimeError("the processor produced prompts of different lengths for one prompt text")
+            room = self.max_length - prompt.shape[1]
+            rows, label_rows = [], []
+            for i, cap in enumerate(captions):
+                ids = self._caption_ids(cap)
+                if len(ids) + 1 > room:
+                    ids = ids[:room]
+                    self.truncated += 1
+                else:
+                    ids = ids + [self.eos_id]
+                rows.append(prompt[i].tolist() + ids)
+                # Image tokens and prompt are inputs, not targets: mask them.
+                label_rows.append([-100] * prompt.shape[1] + ids)
+            width = max(len(r) for r in rows)
+            input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            labels = torch.full((len(rows), width), -100, dtype=torch.long)
+            attention = torch.zeros((len(rows), width), dtype=torch.long)
+            for i, (r, lab) in enumerate(zip(rows, label_rows, strict=True)):
+                input_ids[i, : len(r)] = torch.tensor(r)
+                labels[i, : len(lab)] = torch.tensor(lab)
+                attention[i, : len(r)] = 1
+            return {
+                "pixel_values": enc["pixel_values"],
+                "input_ids": input_ids,
+                "attention_mask": attention,
+                "labels": labels,
+            }
+        # Encoder-decoder: the tokenizer appends </s> to each caption (T5 style).
+        label_rows = []
+        for cap in captions:
+            ids = self.tokenizer(cap)["input_ids"]
+            ids = [i for i in ids if i != self.image_token_id]
+            if ids and ids[-1] != self.eos_id:
+                ids.append(self.eos_id)
+            if len(ids) > self.max_length:
+                ids = ids[: self.max_length]
+                self.truncated += 1
+            label_rows.append(ids)
+        width = max(len(r) for r in label_rows)
+        labels = torch.full((len(label_rows), width), -100, dtype=torch.long)
+        dec_mask = torch.zeros((len(label_rows), width), dtype=torch.long)
+        for i, r in enumerate(label_rows):
+            labels[i, : len(r)] = torch.tensor(r)
+            dec_mask[i, : len(r)] = 1
+        return {
+            "pixel_values": enc["pixel_values"],
+            "input_ids": enc["input_ids"],
+            "attention_mask": enc["attention_mask"],
+            "labels": labels,
+            "decoder_attention_mask": dec_mask,
+        }
+
+
+def generation_inputs(
+    processor, images: list[Image.Image], prompt: str, family: str
+) -> dict[str, torch.Tensor]:
+    """Inputs for ``model.generate``: images and the prompt only (``<image>*N <s> prompt`` for OPT).
+
+    Left padding for decoder-only models (batched generation continues from the right end).
+    ``input_ids.shape[1]`` is the ``prompt_len`` that ``decode_captions`` slices off.
+    """
+    tok = processor.tokenizer
+    old_side = tok.padding_side
+    tok.padding_side = "left" if DECODER_ONLY[family] else "right"
+    try:
+        enc = processor(images=images, text=[prompt] * len(images), return_tensors="pt", padding=True)
+    finally:
+        tok.padding_side = old_side
+    return dict(enc)
+
+
+def decode_captions(processor, output_ids: torch.Tensor, prompt_len: int, family: str) -> list[str]:
+    """Captions from ``generate()`` output: drop the repeated prompt (decoder-only) and special tokens."""
+    if DECODER_ONLY[family]:
+        output_ids = output_ids[:, prompt_len:]
+    texts = processor.tokenizer.batch_decode(output_ids, skip_special_tokens=True)
+    return [t.strip() for t in texts]
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+#: Random-init models up to this many parameters store their base weights in a checkpoint
+#: (base.safetensors); larger ones are rebuilt from ``init_seed`` and checked by a fingerprint.
+BASE_WEIGHTS_LIMIT = 50_000_000
+
+
+def _adapter_param_names(model) -> set[str]:
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        return set()
+    from peft.utils import get_peft_model_state_dict
+
+    keys = set(get_peft_model_state_dict(model).keys())
+    # get_peft_model_state_dict strips the adapter name; compare by the trainable names instead.
+    names = set()
+    for n, p in model.named_parameters():
+        if p.requires_grad and any(tag in n for tag in ("lora_", "ia3_", "magnitude_vector")):
+            names.add(n)
+    return names if names or not keys else names
+
+
+def _fingerprint(model) -> str:
+    """A cheap hash of a few base tensors, to check a rebuilt random-init base is the same."""
+    h = hashlib.sha256()
+    inner = _unwrap(model)
+    for name in ("query_tokens",):
+        h.update(getattr(inner, name).detach().float().cpu().numpy().tobytes())
+    emb = inner.get_input_embeddings().weight
+    h.update(emb[:8].detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_trainable(model, directory: str | Path) -> list[str]:
+    """Write what ``load_checkpoint`` needs besides ``config.yaml`` (the caller writes that).
+
+    * ``adapter/``: the PEFT adapter (``save_pretrained``), loadable by PEFT itself for export;
+    * ``trainable.safetensors``: every other parameter with ``requires_grad`` (fully trained
+      Q-Former, vision tower, projection; everything for a full fine-tune), by module name;
+    * for random-init and tiny models (whose base weights are not on any hub): ``base.safetensors``
+      with the base weights when small, else ``base_fingerprint.txt`` (rebuilt from ``init_seed``).
+
+    Files are written to temporary names and renamed, so a crash never leaves half a file.
+    Returns the names written.
+    """
+    from peft import PeftModel
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg: ModelConfig | None = getattr(model, "medcap_config", None)
+    written: list[str] = []
+    adapter_names = _adapter_param_names(model)
+    if isinstance(model, PeftModel):
+        tmp = directory / "adapter.tmp"
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+        model.save_pretrained(str(tmp))
+        final = directory / "adapter"
+        if final.exists():
+            import shutil
+
+            shutil.rmtree(final)
+        tmp.rename(final)
+        written.append("adapter")
+    rest = {
+        _plain_name(n): p.detach().cpu().contiguous()
+        for n, p in model.named_parameters()
+        if p.requires_grad and n not in adapter_names
+    }
+    if rest:
+        _atomic_save(save_file, rest, directory / "trainable.safetensors")
+        written.append("trainable.safetensors")
+    if cfg is not None and (cfg.random_init or cfg.name_or_path in TINY_NAMES):
+        inner = _unwrap(model)
+        _, total = count_parameters(inner)
+        if total <= BASE_WEIGHTS_LIMIT and cfg.quantization == "none":
+            base = {
+                _plain_name(n): p.detach().cpu().contiguous()
+                for n, p in inner.named_parameters()
+                if "lora_" not in n and "ia3_" not in n and "magnitude_vector" not in n
+            }
+            # Tied weights share storage; safetensors wants each stored once.
+            base = _dedupe_tied(base)
+            _atomic_save(save_file, base, directory / "base.safetensors")
+            written.append("base.safetensors")
+        else:
+            (directory / "base_fingerprint.txt").write_text(_fingerprint(model) + "\n", encoding="utf-8")
+            written.append("base_fingerprint.txt")
+    return written
+
+
+def _dedupe_tied(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    seen: dict[int, str] = {}
+    for k, v in tensors.items():
+        ptr = v.untyped_storage().data_ptr()
+        if ptr in seen and v.numel() > 0:
+            continue
+        seen[ptr] = k
+        out[k] = v
+    return out
+
+
+def _plain_name(name: str) -> str:
+    """Parameter names without PEFT's wrapper prefix and base_layer hops, so they match either way."""
+    name = name.removeprefix("base_model.model.")
+    return name.replace(".base_layer.", ".")
+
+
+def _atomic_save(save_file, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(path)
+
+
+def load_trainable(model, directory: str | Path) -> None:
+    """Load ``adapter/`` and ``trainable.safetensors`` from ``directory`` into a built model."""
+    from peft import PeftModel, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    adapter = directory / "adapter"
+    if adapter.is_dir():
+        if not isinstance(model, PeftModel):
+            raise ValueError(
+                f"{adapter} holds a PEFT adapter but the model config builds none (peft.method none)"
+            )
+        weights = next((adapter / n for n in ("adapter_model.safetensors", "adapter_model.bin")), None)
+        if weights is None or not weights.exists():
+            raise FileNotFoundError(f"{adapter}: no adapter_model.safetensors")
+        result = set_peft_model_state_dict(model, load_file(str(weights)))
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise ValueError(f"{adapter}: weights that fit no module of this model: {unexpected[:5]}")
+    elif isinstance(model, PeftModel):
+        raise FileNotFoundError(
+            f"{directory}: the config builds a PEFT adapter but there is no adapter/ folder"
+        )
+    path = directory / "trainable.safetensors"
+    if path.is_file():
+        state = load_file(str(path))
+        params = {_plain_name(n): p for n, p in model.named_parameters()}
+        missing = [k for k in state if k not in params]
+        if missing:
+            raise ValueError(f"{path}: parameters this model does not have: {missing[:5]}")
+        with torch.no_grad():
+            for k, v in state.items():
+                params[k].copy_(v.to(params[k].dtype))
+
+
+def load_checkpoint(directory: str | Path, verbose: bool = False):
+    """Rebuild a trained model from a checkpoint folder: ``(model, processor, run_cfg_dict)``.
+
+    Reads ``config.yaml`` (the run config; its ``model`` section is a ``ModelConfig``), builds the base
+    model, restores random-init base weights (``base.safetensors``) if there are any, then loads the
+    adapter and the other trained parameters. The model is in eval mode.
+    """
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    cfg_path = directory / "config.yaml"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{directory} is not a medcap checkpoint: no config.yaml")
+    run_cfg = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
+    if "model" not in run_cfg:
+        raise ConfigError(f"{cfg_path}: no 'model' section")
+    try:
+        model_cfg = from_dict(ModelConfig, run_cfg["model"])
+    except ConfigError as e:
+        raise ConfigError(f"{cfg_path}: model: {e}") from None
+    model, processor = build_model(model_cfg, verbose=verbose)
+    base = directory / "base.safetensors"
+    if base.is_file():
+        inner = _unwrap(model)
+        state = load_file(str(base))
+        params = {_plain_name(n): p for n, p in inner.named_parameters()}
+        missing = [k for k in state if k not in params]
+        if missing:
+            raise ValueError(f"{base}: parameters this model does not have: {missing[:5]}")
+        with torch.no_grad():
+            for k, v in state.items():
+                params[k].copy_(v.to(params[k].dtype))
+        inner.tie_weights()
+    fp = directory / "base_fingerprint.txt"
+    if fp.is_file():
+        want = fp.read_text(encoding="utf-8").strip()
+        got = _fingerprint(model)
+        if want != got:
+            raise ValueError(
+                f"{fp}: the rebuilt random base differs from the trained one ({got} != {want}); "
+                "the init code or torch version changed, so this adapter was trained on other weights"
+            )
+    load_trainable(model, directory)
+    model.eval()
+    return model, processor, run_cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m medcap.model write-tokenizer``: regenerate the shipped tokenizer."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["write-tokenizer"]:
+        print(write_shipped_tokenizer())
+        return 0
+    print("usage: python -m medcap.model write-tokenizer")
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
