@@ -744,7 +744,10 @@ def inspect_image(path: str, opts: InspectOptions) -> ImageInfo:
             info.reason, info.detail = "too_many_pixels", str(e)
             return info
         except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as e:
-            info.reason, info.detail = "corrupt", f"header: {type(e).__name__}: {e}"
+            f.seek(0)
+            head = f.read(8)
+            kind = next((k for sig, k in _SIGNATURES if head.startswith(sig)), "image")
+            info.reason, info.detail = "corrupt", f"damaged {kind} header ({type(e).__name__}: {e})"
             return info
         with im:
             info.width, info.height = im.size
@@ -924,7 +927,11 @@ def prepare_split(
     for row in captions:
         if not row.id or row.caption_raw is None:
             what = "no ID" if not row.id else "wrong number of fields (an unquoted comma?)"
-            skipped.append([row.id, "", "malformed_row", f"{source.captions.name} line {row.line}: {what}"])
+            # The row's image (if any) is accounted for by this row, not reported again as an orphan.
+            name, others = index.find(row.id) if row.id else (None, [])
+            used_files.update([name, *others] if name else [])
+            img = str((source.images / name).resolve()) if name else ""
+            skipped.append([row.id, img, "malformed_row", f"{source.captions.name} line {row.line}: {what}"])
             continue
         if row.id in first_line:
             skipped.append(
