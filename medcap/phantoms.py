@@ -236,6 +236,18 @@ def _organ(modality: str, region: str, finding: str) -> str:
     return {"fracture": "tibia", "cyst": "popliteal fossa"}.get(finding, "femur")
 
 
+def _plane(modality: str) -> str:
+    return {"ct": "axial", "mri": "axial", "ultrasound": "transverse"}.get(modality, "frontal")
+
+
+def _size_fields(modality: str, region: str, finding: str, size_class: str) -> dict[str, Any]:
+    """size, size_value and size_unit of a lesion; all None for findings without a size."""
+    if finding not in SIZED_FINDINGS:
+        return {"size": None, "size_value": None, "size_unit": None}
+    unit, small, large, _ = SIZE_TABLE[(modality, region)]
+    return {"size": size_class, "size_value": small if size_class == "small" else large, "size_unit": unit}
+
+
 def _sample_facts(rng: np.random.Generator) -> dict[str, str]:
     mods = list(MODALITY_WEIGHTS)
     p = np.array([MODALITY_WEIGHTS[m] for m in mods])
@@ -262,12 +274,7 @@ def _sample_params(
     else:  # pragma: no cover - the rules are all satisfiable; this guards a bad edit of DESIGN
         raise RuntimeError(f"cannot sample a phantom matching {held_out_rule}")
     modality, region, finding = facts["modality"], facts["region"], facts["finding"]
-    size = size_value = size_unit = None
-    if finding in SIZED_FINDINGS:
-        unit, small, large, _ = SIZE_TABLE[(modality, region)]
-        size = SIZE_CLASSES[int(rng.integers(2))]
-        size_value, size_unit = (small if size == "small" else large), unit
-    plane = {"ct": "axial", "mri": "axial", "ultrasound": "transverse"}.get(modality, "frontal")
+    size_class = SIZE_CLASSES[int(rng.integers(2))]
     # Colour: arrows on any modality but ultrasound, colour Doppler on ultrasound.
     arrow: str | None = None
     doppler = False
@@ -287,10 +294,8 @@ def _sample_params(
         region=region,
         finding=finding,
         side=facts["side"],
-        size=size,
-        size_value=size_value,
-        size_unit=size_unit,
-        plane=plane,
+        **_size_fields(modality, region, finding, size_class),
+        plane=_plane(modality),
         organ=_organ(modality, region, finding),
         arrow=arrow,
         doppler=doppler,
@@ -1245,6 +1250,33 @@ def _options(
     }
 
 
+def plan_phantoms(
+    n: int,
+    seed: int = 0,
+    *,
+    size_range: tuple[int, int] = (500, 1000),
+    splits: tuple[float, float, float] = (0.7, 0.15, 0.15),
+) -> dict[str, list[tuple[str, PhantomParams]]]:
+    """The (image ID, parameters) of every phantom :func:`make_phantoms` would draw, per split,
+    without drawing anything (cheap: used by tests and to inspect a dataset's design).
+
+    Train never holds a :data:`HELD_OUT_RULES` combination; in valid and test every
+    :data:`HELD_OUT_EVERY`-th image (the 1st, 5th, ...) is drawn from one, the rules in turn, and
+    the others from the training distribution."""
+    counts = _split_counts(n, tuple(splits))  # type: ignore[arg-type]
+    plan: dict[str, list[tuple[str, PhantomParams]]] = {}
+    for split_index, split in enumerate(SPLITS):
+        rows = []
+        for i in range(counts[split]):
+            rng = np.random.default_rng([seed, split_index, i, 0])
+            rule = None
+            if split != "train" and i % HELD_OUT_EVERY == 0:
+                rule = HELD_OUT_RULES[(i // HELD_OUT_EVERY) % len(HELD_OUT_RULES)]
+            rows.append((f"ROCOv2_2023_{split}_{i + 1:06d}", _sample_params(rng, rule, size_range)))
+        plan[split] = rows
+    return plan
+
+
 _OUR_FILES = [
     f"{s}_{kind}.csv" for s in SPLITS for kind in ("captions", "concepts", "concepts_manual", "phantom_facts")
 ]
@@ -1287,7 +1319,6 @@ def make_phantoms(
     if not (16 <= lo <= hi):
         raise PhantomOptionError(f"size_range must be (min, max) with 16 <= min <= max, got {size_range}")
     options = _options(n, seed, (lo, hi), tuple(float(s) for s in splits), blank)  # type: ignore[arg-type]
-    counts = _split_counts(n, tuple(splits))  # type: ignore[arg-type]
     summary_path = out / "phantoms.json"
     if summary_path.exists():
         try:
@@ -1325,17 +1356,14 @@ def make_phantoms(
         k: Counter() for k in ("modality", "region", "finding", "side", "size")
     }
     bar = tqdm(total=n, desc="phantoms", unit="img", disable=not progress)
+    plan = plan_phantoms(n, seed, size_range=(lo, hi), splits=splits)
     for split_index, split in enumerate(SPLITS):
         (out / split).mkdir(exist_ok=True)
         cap_rows, con_rows, man_rows, fact_rows = [], [], [], []
         stats = Counter()
-        for i in range(counts[split]):
-            image_id = f"ROCOv2_2023_{split}_{i + 1:06d}"
-            rng = np.random.default_rng([seed, split_index, i])
-            rule = None
-            if split != "train" and i % HELD_OUT_EVERY == 0:
-                rule = HELD_OUT_RULES[(i // HELD_OUT_EVERY) % len(HELD_OUT_RULES)]
-            p = _sample_params(rng, rule, (lo, hi))
+        for i, (image_id, p) in enumerate(plan[split]):
+            # Drawing has its own random stream, so blank and drawn datasets share their captions.
+            rng = np.random.default_rng([seed, split_index, i, 1])
             caption = compose_caption(p)
             im, (lx, ly) = render_phantom(p, rng, blank=blank)
             buf = io.BytesIO()

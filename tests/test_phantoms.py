@@ -1,0 +1,418 @@
+"""The phantom dataset: ROCOv2 layout, determinism, image modes, captions that parse back to the
+drawing parameters, held-out combinations, and facts that are visible in the pixels."""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medcap import phantoms
+from medcap.phantoms import (
+    CUI_NAMES,
+    DESIGN,
+    FINDING_CUI,
+    HELD_OUT_RULES,
+    MODALITY_CUI,
+    REGION_CUI,
+    SIDE_CUI,
+    SPLITS,
+    caption_facts,
+    cli,
+    compose_caption,
+    is_held_out,
+    make_phantoms,
+    phantom_facts,
+    plan_phantoms,
+    render_phantom,
+)
+
+N = 48  # small but enough for every split to hold held-out rows and all three stored modes
+FACTS = ("modality", "plane", "region", "finding", "side", "size")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("phantoms") / "ds"
+    make_phantoms(out, N, seed=7, progress=False)
+    return out
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ---------------------------------------------------------------- layout and CSV format
+
+
+def test_layout_is_exactly_rocov2(dataset: Path) -> None:
+    for split in SPLITS:
+        caps = _rows(dataset / f"{split}_captions.csv")
+        assert caps, split
+        ids = [r["ID"] for r in caps]
+        assert len(set(ids)) == len(ids)
+        for image_id in ids:
+            assert re.fullmatch(rf"ROCOv2_2023_{split}_\d{{6}}", image_id)
+            assert (dataset / split / f"{image_id}.jpg").is_file()
+        assert sorted(p.stem for p in (dataset / split).iterdir()) == sorted(ids)
+        for kind in ("concepts", "concepts_manual"):
+            rows = _rows(dataset / f"{split}_{kind}.csv")
+            assert [r["ID"] for r in rows] == ids
+            assert all(re.fullmatch(r"C\d{7}(;C\d{7})*", r["CUIs"]) for r in rows)
+    first_lines = {
+        **{f"{s}_captions.csv": "ID,Caption" for s in SPLITS},
+        **{f"{s}_concepts.csv": "ID,CUIs" for s in SPLITS},
+        **{f"{s}_concepts_manual.csv": "ID,CUIs" for s in SPLITS},
+        "cui_mapping.csv": "CUI,Canonical name",
+    }
+    for name, header in first_lines.items():
+        raw = (dataset / name).read_bytes()
+        assert not raw.startswith(b"\xef\xbb\xbf"), f"{name} has a BOM"
+        assert b"\r" not in raw, f"{name} has CR line ends"
+        text = raw.decode("utf-8")
+        assert text.split("\n", 1)[0] == header
+        assert text.endswith("\n") and not text.endswith("\n\n")
+
+
+def test_captions_are_quoted_only_where_needed(dataset: Path) -> None:
+    lines = (dataset / "train_captions.csv").read_text(encoding="utf-8").splitlines()[1:]
+    rows = _rows(dataset / "train_captions.csv")
+    assert any("," in r["Caption"] for r in rows), "templates should produce some captions with commas"
+    for line, row in zip(lines, rows, strict=True):
+        quoted = line.split(",", 1)[1].startswith('"')
+        assert quoted == ("," in row["Caption"] or '"' in row["Caption"]), line
+
+
+def test_images_are_jpegs_of_rocov2_like_sizes_and_mixed_modes(dataset: Path) -> None:
+    modes = Counter()
+    aspects = []
+    for split in SPLITS:
+        truth = phantom_facts(dataset, split)
+        for image_id, t in truth.items():
+            raw = (dataset / split / f"{image_id}.jpg").read_bytes()
+            assert raw[:3] == b"\xff\xd8\xff"
+            im = Image.open(io.BytesIO(raw))
+            assert im.format == "JPEG"
+            assert im.size == (int(t["width"]), int(t["height"]))
+            assert 500 <= im.width <= 1000 and 500 <= im.height <= 1000
+            aspects.append(im.width / im.height)
+            assert im.mode == t["stored_mode"]
+            if im.mode == "L":
+                modes["L"] += 1
+                continue
+            arr = np.asarray(im.convert("RGB"), dtype=np.int16)
+            spread = (arr.max(axis=2) - arr.min(axis=2)).astype(np.int16)
+            if t["true_color"] == "1":
+                modes["colour"] += 1
+                assert (spread > 60).sum() > 100, f"{image_id}: true colour but no coloured pixels"
+            else:
+                modes["grey RGB"] += 1
+                assert np.percentile(spread, 99.9) <= 8, f"{image_id}: grey RGB but channels differ"
+    assert modes["L"] and modes["grey RGB"] and modes["colour"], modes
+    assert min(aspects) < 0.95 and max(aspects) > 1.05, "aspect ratios should vary"
+
+
+# ---------------------------------------------------------------- determinism
+
+
+def _tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path) -> None:
+    make_phantoms(tmp_path / "a", 10, seed=3, progress=False)
+    make_phantoms(tmp_path / "b", 10, seed=3, progress=False)
+    make_phantoms(tmp_path / "c", 10, seed=4, progress=False)
+    a, b, c = (_tree_bytes(tmp_path / x) for x in "abc")
+    assert a == b
+    assert a.keys() == c.keys()
+    assert a["train_captions.csv"] != c["train_captions.csv"]
+    assert a["train/ROCOv2_2023_train_000001.jpg"] != c["train/ROCOv2_2023_train_000001.jpg"]
+
+
+def test_rerun_with_same_options_reuses_and_other_options_need_overwrite(tmp_path: Path) -> None:
+    out = tmp_path / "ds"
+    first = make_phantoms(out, 6, seed=1, progress=False)
+    assert "reused" not in first
+    assert make_phantoms(out, 6, seed=1, progress=False)["reused"] is True
+    with pytest.raises(FileExistsError, match="overwrite"):
+        make_phantoms(out, 7, seed=1, progress=False)
+    summary = make_phantoms(out, 7, seed=1, overwrite=True, progress=False)
+    assert sum(s["images"] for s in summary["splits"].values()) == 7
+    assert sum(1 for _ in out.rglob("*.jpg")) == 7
+    other = tmp_path / "not_ours"
+    other.mkdir()
+    (other / "precious.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="not made by"):
+        make_phantoms(other, 6, seed=1, overwrite=True, progress=False)
+    assert (other / "precious.txt").exists()
+
+
+# ---------------------------------------------------------------- captions and facts
+
+
+def test_captions_parse_back_to_the_drawing_parameters(dataset: Path) -> None:
+    for split in SPLITS:
+        truth = phantom_facts(dataset, split)
+        for row in _rows(dataset / f"{split}_captions.csv"):
+            parsed = caption_facts(row["Caption"])
+            want = truth[row["ID"]]
+            for fact in FACTS:
+                assert (parsed[fact] or "") == want[fact], (fact, row["Caption"], want)
+
+
+def test_caption_facts_on_every_design_combination_and_wording() -> None:
+    # Every (modality, region, finding, side, size, template, wording) the generator can write.
+    plan = plan_phantoms(400, seed=11)
+    base = plan["train"][0][1]
+    for modality, regions in DESIGN.items():
+        for region, findings in regions.items():
+            for finding in findings:
+                for side in ("left", "right"):
+                    for template in range(3):
+                        for wording in range(2):
+                            p = phantoms.PhantomParams(
+                                **{
+                                    **base.__dict__,
+                                    "modality": modality,
+                                    "region": region,
+                                    "finding": finding,
+                                    "side": side,
+                                    "template": template,
+                                    "wording": wording,
+                                    "arrow": "red" if template == 1 else None,
+                                    "doppler": modality == "ultrasound" and wording == 1,
+                                    "plane": phantoms._plane(modality),
+                                    "organ": phantoms._organ(modality, region, finding),
+                                    **phantoms._size_fields(modality, region, finding, "large"),
+                                }
+                            )
+                            text = compose_caption(p)
+                            got = caption_facts(text)
+                            for fact in ("modality", "region", "finding", "side", "plane", "size"):
+                                assert got[fact] == getattr(p, fact), (fact, text)
+                            # The official preprocessing: lowercase, digits -> "number", no punctuation.
+                            crude = re.sub(r"\d+", "number", text.lower())
+                            crude = re.sub(r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~]", "", crude)
+                            got = caption_facts(crude)
+                            for fact in ("modality", "region", "finding", "side"):
+                                assert got[fact] == getattr(p, fact), (fact, crude)
+
+
+def test_caption_facts_edge_cases() -> None:
+    none = caption_facts("")
+    assert all(v is None for v in none.values())
+    assert caption_facts("xray of both knees, fracture of the left tibia")["modality"] == "xray"
+    assert caption_facts("X ray chest")["modality"] == "xray"
+    assert caption_facts("chest radiograph with a mass")["modality"] == "xray"
+    assert caption_facts("mr image of the brain")["modality"] == "mri"
+    assert caption_facts("sonogram of the neck")["modality"] == "ultrasound"
+    assert caption_facts("a mass in the left and right lung")["side"] is None
+    assert caption_facts("CT of the head showing a 2.5 cm mass")["size"] == "small"
+    assert caption_facts("CT of the head showing a 3.5 cm mass")["size"] == "large"
+    assert caption_facts("DSA of the head showing a 2 cm aneurysm")["size"] == "large"  # 20 mm vs 12/25
+    assert caption_facts("a 5 cm mass")["size"] is None  # no modality/region: no size class
+
+
+def test_concept_csvs_match_the_facts(dataset: Path) -> None:
+    mapping = {r["CUI"]: r["Canonical name"] for r in _rows(dataset / "cui_mapping.csv")}
+    assert mapping == CUI_NAMES
+    for split in SPLITS:
+        truth = phantom_facts(dataset, split)
+        manual = {r["ID"]: r["CUIs"].split(";") for r in _rows(dataset / f"{split}_concepts_manual.csv")}
+        auto = {r["ID"]: r["CUIs"].split(";") for r in _rows(dataset / f"{split}_concepts.csv")}
+        for image_id, t in truth.items():
+            assert manual[image_id] == [MODALITY_CUI[t["modality"]], REGION_CUI[t["region"]]]
+            assert auto[image_id][:4] == [
+                MODALITY_CUI[t["modality"]],
+                REGION_CUI[t["region"]],
+                FINDING_CUI[t["finding"]],
+                SIDE_CUI[t["side"]],
+            ]
+            assert all(c in mapping for c in auto[image_id])
+            assert len(set(auto[image_id])) == len(auto[image_id])
+
+
+# ---------------------------------------------------------------- held-out combinations
+
+
+def test_held_out_combinations_only_outside_train_with_every_value_in_train() -> None:
+    plan = plan_phantoms(1200, seed=5)
+    train = [p.__dict__ for _, p in plan["train"]]
+    assert not any(is_held_out(f) for f in train)
+    train_values = {k: {f[k] for f in train} for k in ("modality", "region", "finding", "side", "size")}
+    for split in ("valid", "test"):
+        rows = [p.__dict__ for _, p in plan[split]]
+        held = [f for f in rows if is_held_out(f)]
+        assert len(held) >= len(rows) // phantoms.HELD_OUT_EVERY
+        for rule in HELD_OUT_RULES:  # every rule occurs
+            assert any(all(f[k] == v for k, v in rule.items()) for f in held), rule
+        for f in held:  # ... and is made only of values seen in train
+            for k in train_values:
+                assert f[k] in train_values[k], (k, f[k])
+    # Every value of every fact is in train, and every design combination outside the rules too.
+    for modality, regions in DESIGN.items():
+        assert modality in train_values["modality"]
+        for region, findings in regions.items():
+            for finding in findings:
+                for side in ("left", "right"):
+                    combo = {"modality": modality, "region": region, "finding": finding, "side": side}
+                    seen = any(all(f[k] == v for k, v in combo.items()) for f in train)
+                    assert seen != is_held_out(combo), combo
+
+
+def test_held_out_column_marks_them(dataset: Path) -> None:
+    for split in SPLITS:
+        truth = phantom_facts(dataset, split)
+        marked = [t for t in truth.values() if t["held_out"] == "1"]
+        assert all(is_held_out(t) for t in marked)
+        assert all(not is_held_out(t) for t in truth.values() if t["held_out"] == "0")
+        assert bool(marked) == (split != "train")
+
+
+# ---------------------------------------------------------------- the facts are in the pixels
+
+
+def _small(im: Image.Image, size: int = 64) -> np.ndarray:
+    return np.asarray(im.convert("L").resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32)
+
+
+def _variant(p: phantoms.PhantomParams, **changes: object) -> phantoms.PhantomParams:
+    return phantoms.PhantomParams(**{**p.__dict__, "arrow": None, "doppler": False, **changes})
+
+
+def test_side_follows_the_radiological_convention(dataset: Path) -> None:
+    # Patient's left is drawn in the image right half, patient's right in the left half.
+    for split in SPLITS:
+        for image_id, t in phantom_facts(dataset, split).items():
+            x = float(t["lesion_x"])
+            assert (x > 0.5) == (t["side"] == "left"), (image_id, t["side"], x)
+
+
+@pytest.mark.parametrize("modality", list(DESIGN))
+def test_each_fact_changes_the_64px_image_where_it_should(modality: str) -> None:
+    """Render the same phantom with one fact changed (same drawing random stream): the 64 px images
+    must differ clearly, and a side change must move the difference between the halves."""
+    plan = plan_phantoms(300, seed=2)
+    p = next(p for _, p in plan["train"] if p.modality == modality)
+    p = _variant(p, **phantoms._size_fields(p.modality, p.region, p.finding, "large"))
+
+    def draw(q: phantoms.PhantomParams) -> np.ndarray:
+        return _small(render_phantom(q, np.random.default_rng(0))[0])
+
+    ref = draw(p)
+    other_side = draw(_variant(p, side="left" if p.side == "right" else "right"))
+    diff = np.abs(ref - other_side)
+    half = diff.shape[1] // 2
+    lesion_half = diff[:, half:] if p.side == "left" else diff[:, :half]
+    assert lesion_half.max() > 60, f"{modality}: side change barely visible"
+    # the lesion appears in one half and disappears from the other: both halves change
+    assert (
+        diff[:, :half].sum() > 0.3 * diff[:, half:].sum()
+        and diff[:, half:].sum() > 0.3 * diff[:, :half].sum()
+    )
+    regions = DESIGN[modality]
+    for region in regions:
+        if region != p.region:
+            q = _variant(
+                p,
+                region=region,
+                finding=regions[region][0],
+                **phantoms._size_fields(modality, region, regions[region][0], "large"),
+            )
+            assert np.abs(draw(q) - ref).mean() > 8, f"{modality}: {p.region} vs {region} look alike"
+    for finding in regions[p.region]:
+        if finding != p.finding:
+            q = _variant(p, finding=finding, **phantoms._size_fields(modality, p.region, finding, "large"))
+            assert np.abs(draw(q) - ref).max() > 60, f"{modality} {p.region}: {p.finding} vs {finding}"
+    if p.size is not None:
+        small = draw(_variant(p, **phantoms._size_fields(modality, p.region, p.finding, "small")))
+        assert (np.abs(small - ref) > 40).sum() >= 4, f"{modality} {p.region}: size classes look alike"
+
+
+def test_modalities_are_told_apart_by_a_nearest_centroid_at_24px(dataset: Path) -> None:
+    """A crude learnability check: per-modality mean 24 px images from train classify the valid and
+    test images' modality far above chance (0.2)."""
+
+    def vec(split: str, image_id: str) -> np.ndarray:
+        v = _small(Image.open(dataset / split / f"{image_id}.jpg"), 24).ravel()
+        return (v - v.mean()) / (v.std() + 1e-6)
+
+    train = phantom_facts(dataset, "train")
+    cents = {}
+    for m in DESIGN:
+        vs = [vec("train", i) for i, t in train.items() if t["modality"] == m]
+        assert vs, m
+        cents[m] = np.mean(vs, axis=0)
+    hits = total = 0
+    for split in ("valid", "test"):
+        for image_id, t in phantom_facts(dataset, split).items():
+            v = vec(split, image_id)
+            guess = min(cents, key=lambda m: float(np.sum((cents[m] - v) ** 2)))
+            hits += guess == t["modality"]
+            total += 1
+    assert hits / total >= 0.7, f"modality nearest-centroid accuracy {hits}/{total}"
+
+
+# ---------------------------------------------------------------- blank variant and CLI
+
+
+def test_blank_variant_has_same_captions_and_flat_images(tmp_path: Path) -> None:
+    make_phantoms(tmp_path / "drawn", 8, seed=9, progress=False)
+    make_phantoms(tmp_path / "blank", 8, seed=9, blank=True, progress=False)
+    for split in SPLITS:
+        for kind in ("captions", "concepts", "concepts_manual"):
+            name = f"{split}_{kind}.csv"
+            assert (tmp_path / "drawn" / name).read_bytes() == (tmp_path / "blank" / name).read_bytes()
+        drawn, blank = phantom_facts(tmp_path / "drawn", split), phantom_facts(tmp_path / "blank", split)
+        for image_id, t in blank.items():
+            im = Image.open(tmp_path / "blank" / split / f"{image_id}.jpg")
+            assert im.mode == drawn[image_id]["stored_mode"]
+            assert im.size == (int(drawn[image_id]["width"]), int(drawn[image_id]["height"]))
+            assert _small(im).std() < 6
+            assert t["true_color"] == "0"
+
+
+def test_cli_writes_the_dataset_and_rejects_bad_options(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "ds"
+    rc = cli(
+        [
+            "--out",
+            str(out),
+            "--n",
+            "5",
+            "--seed",
+            "2",
+            "--size-range",
+            "500,600",
+            "--splits",
+            "0.6,0.2,0.2",
+            "--quiet",
+        ]
+    )
+    assert rc == 0
+    assert "train" in capsys.readouterr().out
+    for p in out.rglob("*.jpg"):
+        with Image.open(p) as im:
+            assert 500 <= min(im.size) and max(im.size) <= 600
+    counts = {s: len(_rows(out / f"{s}_captions.csv")) for s in SPLITS}
+    assert counts == {"train": 3, "valid": 1, "test": 1}
+    with pytest.raises(SystemExit):
+        cli(["--out", str(tmp_path / "x"), "--splits", "0.5,0.5"])
+    assert cli(["--out", str(tmp_path / "y"), "--n", "0", "--quiet"]) == 2
+    assert "n must be at least 1" in capsys.readouterr().out
+    assert cli(["--out", str(out), "--n", "6", "--quiet"]) == 2  # exists with other options
+
+
+def test_phantom_facts_names_a_missing_sidecar(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="train_phantom_facts.csv"):
+        phantom_facts(tmp_path, "train")
