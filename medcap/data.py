@@ -917,6 +917,7 @@ def prepare_split(
     concepts, con_facts = read_concepts(source.concepts, encoding, encoding_errors)
     manual, man_facts = read_concepts(source.concepts_manual, encoding, encoding_errors)
     index = ImageIndex(source.images)
+    img_dir = str(source.images.resolve())  # resolved once: per-file resolve() costs syscalls
 
     skipped: list[list[Any]] = []
     notes: list[list[Any]] = []
@@ -930,7 +931,7 @@ def prepare_split(
             # The row's image (if any) is accounted for by this row, not reported again as an orphan.
             name, others = index.find(row.id) if row.id else (None, [])
             used_files.update([name, *others] if name else [])
-            img = str((source.images / name).resolve()) if name else ""
+            img = os.path.join(img_dir, name) if name else ""
             skipped.append([row.id, img, "malformed_row", f"{source.captions.name} line {row.line}: {what}"])
             continue
         if row.id in first_line:
@@ -957,7 +958,7 @@ def prepare_split(
             continue
         used_files.add(name)
         used_files.update(others)
-        img_path = str((source.images / name).resolve())
+        img_path = os.path.join(img_dir, name)
         caption = clean_caption(row.caption_raw)
         if not caption:
             skipped.append(
@@ -977,7 +978,7 @@ def prepare_split(
         skipped.append(
             [
                 os.path.splitext(name)[0],
-                str((source.images / name).resolve()),
+                os.path.join(img_dir, name),
                 "no_caption",
                 f"no row in {source.captions.name}",
             ]
