@@ -166,8 +166,14 @@ def _detect_dataset(run_cfg: dict[str, Any]) -> str:
     split = (run_cfg.get("data") or {}).get("train_split", "train")
     manifest = prep / split / "manifest.csv"
     info = prep / "prepare.json"
-    text = info.read_text(encoding="utf-8", errors="replace").lower() if info.is_file() else ""
-    if "phantom" in text or "phantom" in str(prep).lower():
+    root = None
+    if info.is_file():
+        try:
+            root = json.loads(info.read_text(encoding="utf-8")).get("root")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            root = None
+    # Phantoms use ROCOv2-style IDs, but `medcap data phantoms` leaves phantoms.json in the root.
+    if (root and (Path(root) / "phantoms.json").is_file()) or "phantom" in str(prep).lower():
         return "phantom"
     if manifest.is_file():
         with manifest.open(newline="", encoding="utf-8") as f:

@@ -226,14 +226,15 @@ def sanitize_filename(name: str | None, index: int) -> str:
 
 def sniff_format(data: bytes) -> str | None:
     """The image format from the file's first bytes (JPEG, PNG, TIFF, DICOM), or None."""
+    # DICOM first: its 128-byte preamble may itself hold a TIFF header (dual-format files).
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return "dicom"
     if data[:3] == b"\xff\xd8\xff":
         return "jpeg"
     if data[:8] == b"\x89PNG\r\n\x1a\n":
         return "png"
     if data[:4] in (b"II*\x00", b"MM\x00*"):
         return "tiff"
-    if len(data) >= 132 and data[128:132] == b"DICM":
-        return "dicom"
     return None
 
 
@@ -566,6 +567,8 @@ def create_app(
     def run_model(images: list, gen: GenerateConfig) -> list[str]:
         import torch
 
+        # The worker already sized the batch: caption it in one generate() call.
+        gen = dataclasses.replace(gen, batch_size=max(gen.batch_size, len(images)))
         with torch.inference_mode():
             return list(caption_fn(model, processor, images, gen, prompt))
 
@@ -698,11 +701,14 @@ def create_app(
                 raise ServeError(
                     422, "unknown_field", f"unknown field {name!r}; known fields: {known}", name
                 ) from None
-            raise ServeError(
-                422, "invalid_option", f"{name}: {err['msg']} (got {err.get('input')!r})", name
-            ) from None
+            given = repr(err.get("input"))
+            given = given if len(given) <= 60 else given[:57] + "..."
+            raise ServeError(422, "invalid_option", f"{name}: {err['msg']} (got {given})", name) from None
         chosen = {k: getattr(opts, k) for k in GENERATION_FIELDS if getattr(opts, k) is not None}
-        gen = dataclasses.replace(gen_defaults, **chosen)
+        try:
+            gen = dataclasses.replace(gen_defaults, **chosen)
+        except ValueError as e:  # GenerateConfig's own checks (ConfigError), e.g. sampling with beams
+            raise ServeError(422, "invalid_option", str(e)) from None
         if gen.num_beams > limits.max_beams:
             raise ServeError(
                 422,
@@ -716,13 +722,6 @@ def create_app(
                 "invalid_option",
                 f"max_new_tokens: at most {limits.max_new_tokens} (got {gen.max_new_tokens})",
                 "max_new_tokens",
-            )
-        if gen.min_new_tokens > gen.max_new_tokens:
-            raise ServeError(
-                422,
-                "invalid_option",
-                f"min_new_tokens ({gen.min_new_tokens}) is larger than max_new_tokens ({gen.max_new_tokens})",
-                "min_new_tokens",
             )
         return gen, opts
 
@@ -909,51 +908,33 @@ def load_for_serving(
 ) -> tuple[Any, Any, GenerateConfig, str, dict[str, Any]]:
     """Load what ``medcap serve`` serves: ``(model, processor, gen_defaults, prompt, info)``.
 
-    * ``checkpoint``: a training checkpoint (``load_checkpoint``: base + adapter + trained weights);
+    * ``checkpoint``: a training checkpoint or run folder (base + adapter + trained weights);
     * ``model``: a hub id, ``tiny``, or a folder (a merged export), with an optional PEFT
-      ``adapter`` folder (an unmerged export) put on it.
+      ``adapter`` folder (an unmerged export) put on it. With only ``adapter``, the base is the one
+      its adapter_config.json names; ``base`` (an export's own base folder) is found next to it.
 
-    Prompt and decoding defaults come from the run config the checkpoint or export carries.
+    Loading is ``medcap.generate.load_captioner``; for exports, the prompt and decoding defaults
+    come from the ``medcap_config.yaml`` that ``medcap export`` writes.
     """
-    import torch
+    import json
 
-    from medcap.model import ModelConfig, PeftSettings, build_model, load_checkpoint
+    from medcap.generate import load_captioner
 
     if checkpoint is not None:
-        checkpoint = Path(checkpoint)
-        loaded, processor, run_cfg = load_checkpoint(checkpoint)
-        cfg_path: Path | None = checkpoint / "config.yaml"
-        base = str((run_cfg.get("model") or {}).get("name_or_path"))
-        adapter_label = str(checkpoint / "adapter") if (checkpoint / "adapter").is_dir() else None
-    else:
-        if not model:
-            raise ValueError("give --model NAME_OR_PATH or --checkpoint DIR")
-        if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"{adapter} is not a PEFT adapter folder: no adapter_config.json")
-        run_cfg, cfg_path = _medcap_config_near(adapter, model if Path(model).is_dir() else None)
-        prompt_cfg = (run_cfg.get("model") or {}).get("prompt", "") or ""
-        loaded, processor = build_model(
-            ModelConfig(name_or_path=model, peft=PeftSettings(method="none"), prompt=prompt_cfg), verbose=True
-        )
-        if adapter is not None:
-            from peft import PeftModel
-
-            loaded = PeftModel.from_pretrained(loaded, str(adapter))
-        base, adapter_label = model, (str(adapter) if adapter is not None else None)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if not getattr(loaded, "is_loaded_in_4bit", False) and not getattr(loaded, "is_loaded_in_8bit", False):
-        loaded = loaded.to(device)
-    loaded.eval()
-    gen = _generate_defaults(run_cfg, str(cfg_path))
+        cap = load_captioner(checkpoint=checkpoint, device=device, verbose=True)
+        return cap.model, cap.processor, cap.gen, cap.prompt, {**cap.info, "config": cap.run_cfg}
+    if adapter is not None and model is None:
+        config = Path(adapter) / "adapter_config.json"
+        if config.is_file():
+            named = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path") or ""
+            # An export of a non-downloadable base ships it in ADAPTER/base and names it relatively.
+            if named and not Path(named).is_absolute() and (Path(adapter) / named / "config.json").is_file():
+                model = str(Path(adapter) / named)
+    run_cfg, cfg_path = _medcap_config_near(adapter, model if model and Path(model).is_dir() else None)
     prompt = (run_cfg.get("model") or {}).get("prompt", "") or ""
-    info = {
-        "base": base,
-        "adapter": adapter_label,
-        "checkpoint": str(checkpoint) if checkpoint is not None else None,
-        "device": str(device),
-        "config": run_cfg or None,
-    }
-    return loaded, processor, gen, prompt, info
+    cap = load_captioner(model=model, adapter=adapter, device=device, prompt=prompt, verbose=True)
+    gen = _generate_defaults(run_cfg, str(cfg_path)) if cfg_path else cap.gen
+    return cap.model, cap.processor, gen, prompt, {**cap.info, "config": run_cfg or None}
 
 
 def _positive_int(text: str) -> int:
@@ -968,10 +949,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="medcap serve",
         description="Serve captions over HTTP (POST /v1/captions) with a web page at /.",
     )
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="base model: hub id, local folder (e.g. a merged export) or 'tiny'")
-    src.add_argument("--checkpoint", help="training checkpoint folder (RUN/checkpoints/best)")
-    p.add_argument("--adapter", help="PEFT adapter folder to put on --model (e.g. an unmerged export)")
+    src.add_argument("--checkpoint", help="training checkpoint or run folder (RUN/checkpoints/best)")
+    p.add_argument(
+        "--adapter",
+        help="PEFT adapter folder (an unmerged export) put on --model, or on the base its config names",
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
@@ -1012,7 +996,10 @@ def cli(argv: list[str]) -> int:
     import uvicorn
 
     args = build_parser().parse_args(argv)
-    if args.adapter and not args.model:
+    if not (args.model or args.checkpoint or args.adapter):
+        print("medcap serve: give --model NAME_OR_PATH, --checkpoint DIR or --adapter DIR", file=sys.stderr)
+        return 2
+    if args.checkpoint and args.adapter:
         print(
             "medcap serve: --adapter goes with --model (a checkpoint brings its own adapter)", file=sys.stderr
         )
