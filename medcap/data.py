@@ -298,7 +298,7 @@ def read_csv_table(
 
     Bytes that are not valid in ``encoding`` raise ``CsvError`` naming the file, line and bytes
     (``strict``), or are replaced by U+FFFD and the affected records flagged (``replace``).
-    The delimiter is a tab when the first line has tabs and no commas (2023 edition), else a comma.
+    The delimiter is a comma, unless the first line has none: then a tab (2023 edition) or a semicolon.
     """
     data = path.read_bytes()
     had_bom = data.startswith(codecs.BOM_UTF8)
@@ -336,7 +336,9 @@ def read_csv_table(
     bad_lines = {data.count(b"\n", 0, s) + 1 for s, _ in bad_spans}
 
     first_line = text.split("\n", 1)[0]
-    delimiter = "\t" if ("\t" in first_line and "," not in first_line) else ","
+    delimiter = ","
+    if "," not in first_line:  # a 2023-edition TSV, or a spreadsheet export with semicolons
+        delimiter = "\t" if "\t" in first_line else (";" if ";" in first_line else ",")
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     records: list[CsvRecord] = []
     prev_end = 0
@@ -523,7 +525,9 @@ def resolve_split(root: Path, split: str) -> SplitSource:
         )
         raise LayoutError(
             f"missing captions file for split '{split}': {root / f'{split}_captions.csv'} does not exist.\n"
-            f"  Looked for:\n{looked}\n{EXPECTED_LAYOUT}"
+            f"  Looked for:\n{looked}\n"
+            f"  (If this split has no captions, leave it out with --splits, e.g. --splits train,valid.)\n"
+            f"{EXPECTED_LAYOUT}"
         )
     if captions.parent == root / split:  # evaluation layout: everything inside the split folder
         layout = "imageclef-split-folder"
@@ -1302,6 +1306,9 @@ def cli_prepare(argv: list[str]) -> int:
     except (LayoutError, CsvError, ValueError) as e:
         print(f"medcap data prepare: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. an output folder that cannot be written
+        print(f"medcap data prepare: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 1
     for name, st in results.items():
         reasons = ", ".join(f"{k} {v}" for k, v in st["skipped_by_reason"].items()) or "none"
         print(

@@ -317,3 +317,14 @@ def test_stats_json_is_valid_and_lists_reasons(messy):
     saved = json.loads((out / "train" / "stats.json").read_text(encoding="utf-8"))
     assert saved["skipped_by_reason"] == st["skipped_by_reason"]
     assert sum(saved["skipped_by_reason"].values()) == saved["skipped"]
+
+
+def test_semicolon_csv_from_a_spreadsheet(tmp_path):
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    (imgs / "a.jpg").write_bytes(jpeg_bytes(0))
+    cap = tmp_path / "caps.csv"
+    cap.write_bytes("ID;Caption\r\na;Röntgen thorax, p.a.\r\n".encode())
+    st = prepare_dataset(None, tmp_path / "out", images=imgs, captions=cap, progress=False, workers=1)["data"]
+    assert st["sources"]["captions"]["delimiter"] == ";" and st["kept"] == 1
+    assert read_manifest(tmp_path / "out" / "data" / "manifest.csv")[0].caption == "Röntgen thorax, p.a."
