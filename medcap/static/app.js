@@ -152,6 +152,11 @@
         card.classList.add("failed");
         card.dataset.state = "failed";
         card.querySelector(".caption").textContent = e.message;
+        // The file could not be read as an image: say so instead of a broken picture.
+        const note = document.createElement("div");
+        note.className = "no-preview";
+        note.textContent = "no preview";
+        card.querySelector(".image-box").replaceChildren(note);
         return e;
       });
     });
