@@ -46,9 +46,14 @@ import csv
 import io
 import json
 import math
+import multiprocessing as mp
+import os
 import re
 import shutil
+import sys
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -1160,7 +1165,7 @@ def render_phantom(
     else:
         drawn = _draw_angio(p, c, rng)
     arr8 = (np.clip(c.img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    im = Image.fromarray(arr8, mode="L").resize((p.width, p.height), Image.Resampling.BICUBIC)
+    im = Image.fromarray(arr8, mode="L").resize((p.width, p.height), Image.Resampling.BILINEAR)
     lx, ly = c.to_px(*drawn.lesion)
     k = p.width / ww
     lesion_px = (lx * k, ly * (p.height / wh))
@@ -1283,6 +1288,19 @@ _OUR_FILES = [
 _OUR_FILES += ["cui_mapping.csv", "phantoms.json"]
 
 
+def _draw_and_save(job: tuple[str, tuple[int, ...], PhantomParams, bool]) -> tuple[float, float]:
+    """Draw one phantom and write its JPEG; returns the lesion centre (fractions of width, height).
+    Top-level so that worker processes can run it."""
+    path, stream, p, blank = job
+    # Drawing has its own random stream, so blank and drawn datasets share their captions.
+    rng = np.random.default_rng(list(stream))
+    im, lesion = render_phantom(p, rng, blank=blank)
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=int(rng.integers(85, 96)))
+    Path(path).write_bytes(buf.getvalue())
+    return lesion
+
+
 def make_phantoms(
     out: str | Path,
     n: int,
@@ -1292,6 +1310,7 @@ def make_phantoms(
     splits: tuple[float, float, float] = (0.7, 0.15, 0.15),
     blank: bool = False,
     overwrite: bool = False,
+    workers: int = 1,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Write ``n`` phantom images with captions and concepts in the ROCOv2 layout under ``out``.
@@ -1304,6 +1323,7 @@ def make_phantoms(
         splits: fractions for train, valid, test (normalised).
         blank: draw uninformative flat images with the same captions, sizes and stored modes.
         overwrite: replace an existing phantom dataset in ``out`` made with other options.
+        workers: processes that draw (0 = one per CPU core); the output does not depend on it.
         progress: show a tqdm progress bar.
 
     Returns:
@@ -1355,20 +1375,31 @@ def make_phantoms(
     fact_counts: dict[str, Counter] = {
         k: Counter() for k in ("modality", "region", "finding", "side", "size")
     }
-    bar = tqdm(total=n, desc="phantoms", unit="img", disable=not progress)
     plan = plan_phantoms(n, seed, size_range=(lo, hi), splits=splits)
-    for split_index, split in enumerate(SPLITS):
+    for split in SPLITS:
         (out / split).mkdir(exist_ok=True)
+    jobs = [
+        (str(out / split / f"{image_id}.jpg"), (seed, split_index, i, 1), p, blank)
+        for split_index, split in enumerate(SPLITS)
+        for i, (image_id, p) in enumerate(plan[split])
+    ]
+    workers = (os.cpu_count() or 1) if workers == 0 else max(1, workers)
+    with ExitStack() as stack:
+        if workers > 1 and len(jobs) > 1:
+            # spawn, not fork: the caller may hold torch threads, and children need only numpy/Pillow
+            pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")))
+            drawn = pool.map(_draw_and_save, jobs, chunksize=8)
+        else:
+            drawn = map(_draw_and_save, jobs)
+        positions = list(tqdm(drawn, total=len(jobs), desc="phantoms", unit="img", disable=not progress))
+    k = 0
+    for split in SPLITS:
         cap_rows, con_rows, man_rows, fact_rows = [], [], [], []
         stats = Counter()
-        for i, (image_id, p) in enumerate(plan[split]):
-            # Drawing has its own random stream, so blank and drawn datasets share their captions.
-            rng = np.random.default_rng([seed, split_index, i, 1])
+        for image_id, p in plan[split]:
+            lx, ly = positions[k]
+            k += 1
             caption = compose_caption(p)
-            im, (lx, ly) = render_phantom(p, rng, blank=blank)
-            buf = io.BytesIO()
-            im.save(buf, format="JPEG", quality=int(rng.integers(85, 96)))
-            (out / split / f"{image_id}.jpg").write_bytes(buf.getvalue())
             true_color = (p.doppler or (p.arrow not in (None, "white"))) and not blank
             held = is_held_out(asdict(p))
             cap_rows.append([image_id, caption])
@@ -1388,9 +1419,8 @@ def make_phantoms(
             stats[f"stored_{p.stored_mode}"] += 1
             stats["true_color"] += int(true_color)
             stats["held_out"] += int(held)
-            for k in fact_counts:
-                fact_counts[k][getattr(p, k) or "none"] += 1
-            bar.update(1)
+            for fact, counter in fact_counts.items():
+                counter[getattr(p, fact) or "none"] += 1
         _write_csv(out / f"{split}_captions.csv", ["ID", "Caption"], cap_rows)
         _write_csv(out / f"{split}_concepts.csv", ["ID", "CUIs"], con_rows)
         _write_csv(out / f"{split}_concepts_manual.csv", ["ID", "CUIs"], man_rows)
@@ -1398,7 +1428,6 @@ def make_phantoms(
         summary["splits"][split] = {
             k: int(stats.get(k, 0)) for k in ("images", "stored_L", "stored_RGB", "true_color", "held_out")
         }
-    bar.close()
     _write_csv(
         out / "cui_mapping.csv", ["CUI", "Canonical name"], [[c, name] for c, name in CUI_NAMES.items()]
     )
@@ -1461,6 +1490,7 @@ def cli(argv: list[str]) -> int:
     )
     ap.add_argument("--blank", action="store_true", help="uninformative flat images with the same captions")
     ap.add_argument("--overwrite", action="store_true", help="replace a phantom dataset already in --out")
+    ap.add_argument("--workers", type=int, default=1, help="drawing processes (0 = one per CPU core)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     try:
@@ -1472,10 +1502,11 @@ def cli(argv: list[str]) -> int:
             splits=args.splits,
             blank=args.blank,
             overwrite=args.overwrite,
+            workers=args.workers,
             progress=not args.quiet,
         )
     except (PhantomOptionError, FileExistsError) as e:
-        print(f"medcap data phantoms: {e}", flush=True)
+        print(f"medcap data phantoms: {e}", file=sys.stderr, flush=True)
         return 2
     note = " (reused: already there with these options)" if summary.get("reused") else ""
     print(f"wrote phantoms to {args.out}{note}")

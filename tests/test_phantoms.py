@@ -409,7 +409,7 @@ def test_cli_writes_the_dataset_and_rejects_bad_options(
     with pytest.raises(SystemExit):
         cli(["--out", str(tmp_path / "x"), "--splits", "0.5,0.5"])
     assert cli(["--out", str(tmp_path / "y"), "--n", "0", "--quiet"]) == 2
-    assert "n must be at least 1" in capsys.readouterr().out
+    assert "n must be at least 1" in capsys.readouterr().err
     assert cli(["--out", str(out), "--n", "6", "--quiet"]) == 2  # exists with other options
 
 
