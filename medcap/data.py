@@ -29,13 +29,16 @@ What "true colour" means here
 A file stored with three channels is often a grey picture (a scanner or a figure tool wrote RGB),
 and a grey radiograph with a small coloured arrow is still a grey radiograph. ``true_color`` is 1
 when *colour carries a real part of the picture*: the image is decoded at 1/8 scale (JPEG draft
-mode, so only the DCT DC terms are computed: cheap, and the 8x8 averaging also removes JPEG noise),
-a pixel counts as coloured when its channels differ by more than ``color_threshold`` levels
-(default 24 of 255: JPEG noise and chroma rounding in grey-as-RGB files stay below about 5), and the
-image is true colour when more than ``color_fraction`` (default 2%) of its pixels are coloured.
-Arrows, letters and outlines in colour cover well under 1% of a figure, so such images count as
-grey with colour marks (reported separately in stats.json); Doppler overlays, colour maps, fused
-PET-CT, photographs and endoscopy count as colour.
+mode, so only the DCT DC terms are computed: cheap, and the 8x8 averaging also removes JPEG noise;
+small images are reduced less, keeping at least 64 px on the short side), a pixel counts as
+coloured when its channels differ by more than ``color_threshold`` levels (default 24 of 255: JPEG
+noise and chroma rounding in grey-as-RGB files stay far below that), and the image is true colour
+when more than ``color_fraction`` (default 1%) of its pixels are coloured. A coloured arrow, letter
+or outline covers a few tenths of a percent of a figure (0.25-0.41% for the phantom arrows,
+measured at this scale), a colour Doppler box a percent or more (1.05-2.1% on the phantoms, more
+on real scanners), so arrow-only images count as grey with colour marks (reported separately in
+stats.json) while Doppler overlays, colour maps, fused PET-CT, photographs and endoscopy count as
+colour. Both numbers are options (``--color-threshold``, ``--color-fraction``).
 """
 
 from __future__ import annotations
@@ -642,7 +645,7 @@ class InspectOptions:
     """Decode every image at 1/8 scale (also grey ones) to catch damage inside the compressed data."""
     color_threshold: int = 24
     """A pixel is coloured when max - min over its channels exceeds this (0-255)."""
-    color_fraction: float = 0.02
+    color_fraction: float = 0.01
     """An image is true colour when more than this fraction of its pixels is coloured."""
 
 
@@ -1111,7 +1114,7 @@ def prepare_dataset(
     check_color: bool | None = None,
     verify_decode: bool = False,
     color_threshold: int = 24,
-    color_fraction: float = 0.02,
+    color_fraction: float = 0.01,
     images: str | Path | None = None,
     captions: str | Path | None = None,
     concepts: str | Path | None = None,
@@ -1266,7 +1269,7 @@ def cli_prepare(argv: list[str]) -> int:
     )
     p.add_argument("--color-threshold", type=int, default=24, help="channel difference that counts as colour")
     p.add_argument(
-        "--color-fraction", type=float, default=0.02, help="share of coloured pixels for true colour"
+        "--color-fraction", type=float, default=0.01, help="share of coloured pixels for true colour"
     )
     p.add_argument("--images", help="your own data: folder of images")
     p.add_argument("--captions", help="your own data: CSV of ID,Caption")
