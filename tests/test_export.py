@@ -90,14 +90,26 @@ def _greedy(model, processor, images) -> torch.Tensor:
         return model.generate(**enc, max_new_tokens=8, do_sample=False, num_beams=1)
 
 
-def test_merged_export_loads_with_plain_transformers(run_dir, reference, tmp_path):
+@pytest.fixture(scope="module")
+def merged_export(run_dir, tmp_path_factory) -> Path:
+    return export(run_dir / "checkpoints" / "best", tmp_path_factory.mktemp("exports") / "merged", merge=True)
+
+
+@pytest.fixture(scope="module")
+def adapter_export(run_dir, tmp_path_factory) -> Path:
+    return export(
+        run_dir / "checkpoints" / "best", tmp_path_factory.mktemp("exports") / "adapter", merge=False
+    )
+
+
+def test_merged_export_loads_with_plain_transformers(merged_export, reference):
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
-    out = export(run_dir / "checkpoints" / "best", tmp_path / "merged", merge=True)
+    out = merged_export
     names = {p.name for p in out.iterdir()}
     assert {"model.safetensors", "config.json", "README.md", "medcap_config.yaml", "tokenizer.json"} <= names
     assert "adapter_config.json" not in names and not (out / "base").exists()
-    assert not list(tmp_path.glob(".merged.*")), "the staging folder was left behind"
+    assert not list(out.parent.glob(".merged.*")), "the staging folder was left behind"
 
     model = Blip2ForConditionalGeneration.from_pretrained(out).eval()
     processor = Blip2Processor.from_pretrained(out)
@@ -119,11 +131,11 @@ def test_merged_export_loads_with_plain_transformers(run_dir, reference, tmp_pat
     assert "base_model" not in meta  # the tiny base is not on the hub
 
 
-def test_unmerged_export_loads_as_base_plus_adapter(run_dir, reference, tmp_path):
+def test_unmerged_export_loads_as_base_plus_adapter(adapter_export, reference):
     from peft import PeftModel
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
-    out = export(run_dir / "checkpoints" / "best", tmp_path / "adapter", merge=False)
+    out = adapter_export
     assert (out / "adapter_model.safetensors").is_file()
     config = json.loads((out / "adapter_config.json").read_text(encoding="utf-8"))
     # The tiny base is not downloadable, so it ships in base/ and the adapter points there.
@@ -151,6 +163,24 @@ def test_unmerged_export_loads_as_base_plus_adapter(run_dir, reference, tmp_path
     assert results["dataset"]["split"] == "test"
     assert {"type": "bertscore_f1", "name": "bertscore_f1", "value": 0.6123} in results["metrics"]
     assert "PeftModel.from_pretrained(base" in card and "PATH_TO_THIS_FOLDER/base" in card
+
+
+def test_medcap_serve_loads_both_exports(merged_export, adapter_export, reference):
+    """`medcap serve --model MERGED` and `--adapter ADAPTER` caption as the checkpoint does, with the
+    run's decoding defaults (from medcap_config.yaml)."""
+    from medcap.generate import caption_images
+    from medcap.serve import load_for_serving
+
+    ref_model, ref_proc = reference
+    images = _images()
+    for kwargs in ({"model": str(merged_export)}, {"adapter": str(adapter_export)}):
+        model, processor, gen, prompt, info = load_for_serving(device="cpu", **kwargs)
+        assert (gen.num_beams, gen.max_new_tokens) == (2, 12), kwargs
+        assert info["config"]["train"]["lr"] == 0.001
+        want = caption_images(ref_model, ref_proc, images, gen, prompt)
+        assert caption_images(model, processor, images, gen, prompt) == want, kwargs
+    # The adapter export's own base was found next to the adapter.
+    assert info["base"] == str(adapter_export / "base")
 
 
 def test_export_cli_and_errors(run_dir, tmp_path, capsys):
