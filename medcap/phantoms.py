@@ -63,7 +63,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 SPLITS = ("train", "valid", "test")
-GENERATOR_VERSION = 1  # bump when the drawing or the captions change, so cached datasets are rebuilt
+GENERATOR_VERSION = 2  # bump when the drawing or the captions change, so cached datasets are rebuilt
 
 MODALITIES = ("ct", "mri", "xray", "ultrasound", "angiography")
 REGIONS = ("head", "chest", "abdomen", "knee", "neck")
@@ -241,8 +241,17 @@ def _organ(modality: str, region: str, finding: str) -> str:
     return {"fracture": "tibia", "cyst": "popliteal fossa"}.get(finding, "femur")
 
 
-def _plane(modality: str) -> str:
-    return {"ct": "axial", "mri": "axial", "ultrasound": "transverse"}.get(modality, "frontal")
+CORONAL_FRACTION = 0.3  # of the CT/MR head and abdomen images that may be coronal
+
+
+def _planes(modality: str, region: str, finding: str) -> tuple[str, ...]:
+    """The planes a phantom can be drawn in: CT/MR heads and abdomens also coronally (not the
+    skull fracture, which is drawn on the axial skull ring)."""
+    if modality in ("ct", "mri"):
+        if region in ("head", "abdomen") and finding != "fracture":
+            return ("axial", "coronal")
+        return ("axial",)
+    return ("transverse",) if modality == "ultrasound" else ("frontal",)
 
 
 def _size_fields(modality: str, region: str, finding: str, size_class: str) -> dict[str, Any]:
@@ -280,6 +289,8 @@ def _sample_params(
         raise RuntimeError(f"cannot sample a phantom matching {held_out_rule}")
     modality, region, finding = facts["modality"], facts["region"], facts["finding"]
     size_class = SIZE_CLASSES[int(rng.integers(2))]
+    planes = _planes(modality, region, finding)
+    plane = planes[1] if len(planes) > 1 and rng.random() < CORONAL_FRACTION else planes[0]
     # Colour: arrows on any modality but ultrasound, colour Doppler on ultrasound.
     arrow: str | None = None
     doppler = False
@@ -300,7 +311,7 @@ def _sample_params(
         finding=finding,
         side=facts["side"],
         **_size_fields(modality, region, finding, size_class),
-        plane=_plane(modality),
+        plane=plane,
         organ=_organ(modality, region, finding),
         arrow=arrow,
         doppler=doppler,
@@ -403,15 +414,15 @@ def compose_caption(p: PhantomParams) -> str:
     t = p.template
     if p.modality == "ct":
         head = (
-            f"Axial CT of the {region} showing",
-            f"Axial contrast-enhanced CT image of the {region} demonstrates",
-            f"CT scan of the {region} (axial view) showing",
+            f"{p.plane.capitalize()} CT of the {region} showing",
+            f"{p.plane.capitalize()} contrast-enhanced CT image of the {region} demonstrates",
+            f"CT scan of the {region} ({p.plane} view) showing",
         )[t]
     elif p.modality == "mri":
         head = (
-            f"Axial T2-weighted MRI of the {region} showing",
-            f"Axial T2-weighted MR image of the {region} demonstrates",
-            f"MRI of the {region}, axial T2-weighted image, showing",
+            f"{p.plane.capitalize()} T2-weighted MRI of the {region} showing",
+            f"{p.plane.capitalize()} T2-weighted MR image of the {region} demonstrates",
+            f"MRI of the {region}, {p.plane} T2-weighted image, showing",
         )[t]
     elif p.modality == "xray":
         if p.region == "chest":
@@ -745,7 +756,8 @@ def _draw_chest_xs(c: _Canvas, p: PhantomParams, pal: dict[str, float], rng: np.
     c.paint(pal["muscle"] + 0.05, 0.1, -0.06, 0.24, 0.27)  # heart, to the patient's left
     c.paint(pal["blood"], -0.08, -0.28, 0.06, 0.06)  # ascending aorta
     c.paint(pal["blood"], 0.12, 0.28, 0.06, 0.06)  # descending aorta
-    c.paint(pal["bone"], 0, 0.46, 0.11, 0.1)  # vertebral body
+    c.paint(pal["bone"], 0, 0.46, 0.11, 0.1)  # vertebral body: cortex and marrow
+    c.paint(pal["marrow"], 0, 0.46, 0.085, 0.075)
     c.paint(pal["bone"], 0, 0.6, 0.03, 0.08)
     c.paint(pal["bone"], 0, -b * 0.86, 0.08, 0.035)  # sternum
     r = _lesion_radius(p, 2 * a)
@@ -776,6 +788,7 @@ def _draw_abdomen_xs(c: _Canvas, p: PhantomParams, pal: dict[str, float], rng: n
         c.paint(pal["kidney"], sx * kx, ky, 0.13, 0.17, theta=sx * 0.5)
         c.paint(pal["medulla"], sx * (kx - 0.02), ky, 0.05, 0.08, theta=sx * 0.5)
     c.paint(pal["bone"], 0, 0.45, 0.12, 0.11)
+    c.paint(pal["marrow"], 0, 0.45, 0.095, 0.085)
     c.paint(pal["bone"], 0, 0.6, 0.03, 0.08)
     c.paint(pal["muscle"], -0.17, 0.46, 0.06, 0.1)  # psoas
     c.paint(pal["muscle"], 0.17, 0.46, 0.06, 0.1)
@@ -814,6 +827,68 @@ def _draw_knees_xs(c: _Canvas, p: PhantomParams, pal: dict[str, float], rng: np.
     return _Drawn((x0, y0), r, [])
 
 
+def _draw_head_coronal(
+    c: _Canvas, p: PhantomParams, pal: dict[str, float], rng: np.random.Generator
+) -> _Drawn:
+    """Coronal head: the skull vault above, the neck below, a butterfly of lateral ventricles."""
+    a, b, yc = 0.7 * float(rng.uniform(0.95, 1.03)), 0.7, -0.14
+    sg = _side_sign(p.side)
+    c.paint(pal["muscle"], 0, 0.9, 0.34, 0.4)  # neck
+    c.paint(pal["scalp"], 0, yc, a, b)
+    c.paint(pal["bone"], 0, yc, a * 0.95, b * 0.95)
+    c.paint(pal["csf"], 0, yc, a * 0.87, b * 0.87)
+    tex = _smooth_noise(rng, c.h, c.w, 10)
+    c.paint(pal["gm"] + 0.02 * tex, 0, yc, a * 0.84, b * 0.83)
+    for sx in (-1, 1):
+        c.paint(pal["wm"] + 0.02 * tex, sx * 0.3, yc - 0.05, 0.3, 0.42, theta=sx * 0.2)  # hemispheres
+        c.paint(pal["csf"], sx * 0.1, yc - 0.05, 0.06, 0.14, theta=-sx * 0.5)  # lateral ventricles
+        c.paint(pal["csf"], sx * 0.45, yc + 0.25, 0.18, 0.02, theta=-sx * 0.4)  # Sylvian fissures
+        c.paint(pal["bone"], sx * 0.4, yc + 0.6, 0.2, 0.05, theta=sx * 0.35)  # skull base
+    c.paint(pal["gm"], 0, 0.42, 0.1, 0.3)  # brainstem running down into the neck
+    c.paint(pal["csf"], 0, yc - 0.35, 0.012, 0.35)  # interhemispheric fissure
+    r = _lesion_radius(p, 2 * a)
+    x0 = sg * float(rng.uniform(0.3, 0.42))
+    y0 = yc + float(rng.uniform(-0.35, 0.1))
+    _draw_lesion_xs(c, p, pal, x0, y0, r, rng)
+    return _Drawn((x0, y0), r, [])
+
+
+def _draw_abdomen_coronal(
+    c: _Canvas, p: PhantomParams, pal: dict[str, float], rng: np.random.Generator
+) -> _Drawn:
+    """Coronal abdomen: lung bases above, liver under the right dome, both kidneys upright beside
+    a column of vertebrae, psoas muscles and iliac wings below."""
+    sg = _side_sign(p.side)
+    c.paint(pal["fat"], 0, 0.1, 0.95, 1.35)
+    c.paint(pal["muscle"], 0, 0.1, 0.88, 1.3)
+    c.paint(pal["fat"], 0, 0.1, 0.83, 1.25)
+    for _ in range(12):  # bowel loops in the lower abdomen
+        bx, by = float(rng.uniform(-0.45, 0.45)), float(rng.uniform(0.2, 0.85))
+        c.paint(pal["bowel"], bx, by, 0.09, 0.07, theta=float(rng.uniform(0, 3)))
+        if rng.random() < 0.4:
+            c.paint(pal["gas"], bx, by - 0.01, 0.05, 0.035)
+    for sx in (-1, 1):
+        c.paint(pal["lung"], sx * 0.42, -1.0, 0.34, 0.3)  # lung bases over the diaphragm
+        c.paint(pal["bone"], sx * 0.58, 0.98, 0.26, 0.1, theta=-sx * 0.4)  # iliac wings
+        c.paint(pal["muscle"], sx * 0.2, 0.5, 0.07, 0.42, theta=-sx * 0.25)  # psoas
+    tex = _smooth_noise(rng, c.h, c.w, 12)
+    c.paint(pal["liver"] + 0.02 * tex, -0.4, -0.48, 0.44, 0.3, theta=0.15)  # liver: patient's right
+    c.paint(pal["spleen"], 0.55, -0.52, 0.17, 0.22, theta=-0.3)
+    kx, ky = 0.34, -0.05
+    for sx in (-1, 1):
+        c.paint(pal["kidney"], sx * kx, ky, 0.12, 0.24, theta=-sx * 0.15)
+        c.paint(pal["medulla"], sx * (kx - 0.03), ky, 0.04, 0.12, theta=-sx * 0.15)
+    for k in range(-5, 6):  # vertebral bodies and discs
+        c.paint(pal["bone"], 0, 0.18 * k, 0.1, 0.075)
+        c.paint(pal["marrow"], 0, 0.18 * k, 0.08, 0.055)
+    c.paint(pal["blood"], 0.07, -0.2, 0.035, 0.55)  # aorta
+    r = _lesion_radius(p, 1.8)
+    x0 = sg * (kx + 0.05 + 0.4 * r)
+    y0 = ky + float(rng.uniform(-0.12, 0.12))
+    _draw_lesion_xs(c, p, pal, x0, y0, r, rng)
+    return _Drawn((x0, y0), r, [])
+
+
 def _draw_cross_section(p: PhantomParams, c: _Canvas, rng: np.random.Generator) -> _Drawn:
     pal = dict(_CT if p.modality == "ct" else _MR)
     # Window/level jitter so absolute grey values are not a give-away.
@@ -822,12 +897,14 @@ def _draw_cross_section(p: PhantomParams, c: _Canvas, rng: np.random.Generator) 
     pal["air"] = max(0.0, pal["air"])
     c.img[:] = pal["air"]
     drawer = {
-        "head": _draw_head_xs,
-        "chest": _draw_chest_xs,
-        "abdomen": _draw_abdomen_xs,
-        "knee": _draw_knees_xs,
+        ("head", "axial"): _draw_head_xs,
+        ("head", "coronal"): _draw_head_coronal,
+        ("chest", "axial"): _draw_chest_xs,
+        ("abdomen", "axial"): _draw_abdomen_xs,
+        ("abdomen", "coronal"): _draw_abdomen_coronal,
+        ("knee", "axial"): _draw_knees_xs,
     }
-    drawn = drawer[p.region](c, p, pal, rng)
+    drawn = drawer[(p.region, p.plane)](c, p, pal, rng)
     if p.modality == "mri":
         # Coil shading: brighter towards the surface coils, and Rician-like noise in the air.
         bias = 1.0 + 0.18 * (np.sqrt(c.x**2 + c.y**2) - 0.5) + 0.06 * _smooth_noise(rng, c.h, c.w, 80)
