@@ -1445,28 +1445,25 @@ def write_plots(prep: Path, stats: dict[str, dict[str, Any]]) -> list[Path]:
         bins = np.arange(0, cap + 3, max(1, math.ceil(cap / 60)))
         for name, v in lengths.items():
             clipped = np.minimum(np.asarray(v), bins[-1] - 1)
+            # Share of each split's captions, so splits of different sizes compare directly.
+            weights = np.full(len(v), 100.0 / max(1, len(v)))
             ax.hist(
                 clipped,
                 bins=bins,
+                weights=weights,
                 histtype="step",
                 linewidth=1.6,
                 label=f"{name} (n={len(v):,}, median {np.median(v):.0f})",
             )
         ax.set_xlim(0, bins[-1])
-        ax.text(
-            0.99,
-            0.97,
-            f"last bin: >= {bins[-2]} words",
-            ha="right",
-            va="top",
-            transform=ax.transAxes,
-            fontsize=8,
-        )
         ax.legend()
+        ax.set_xlabel(
+            f"caption length in words (cleaned caption); the last bin holds all of {bins[-2]} or more"
+        )
     else:
         ax.text(0.5, 0.5, "no kept captions", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("caption length (words, cleaned caption)")
-    ax.set_ylabel("captions")
+        ax.set_xlabel("caption length in words")
+    ax.set_ylabel("% of the split's captions")
     ax.set_title("Caption length")
     ax.grid(alpha=0.3)
     fig.tight_layout()
