@@ -211,6 +211,7 @@ def _read_dicom(data: bytes, label: str, max_pixels: int, *, force: bool) -> Ima
     _check_pixels(label, cols, rows, max_pixels)
     frames = _number_of_frames(ds)
     index = frames // 2 if frames > 1 else None  # the middle frame of a cine loop or volume
+    _lift_functional_groups(ds, index or 0)
     arr = _decode_dicom_pixels(ds, label, index)
     if arr.ndim == 3 and index is None and int(ds.get("SamplesPerPixel", 1) or 1) == 1:
         arr = arr[arr.shape[0] // 2]  # a decoder returned all frames anyway
@@ -246,6 +247,38 @@ def _install_hints(missing: list[str]) -> str:
         if pkgs:
             commands.append("pip install " + " ".join(f"'{s}'" for s in pkgs))
     return " or ".join(commands)
+
+
+#: Enhanced multi-frame objects (Enhanced CT / MR / XA ...) keep rescale and window settings in
+#: functional groups, per frame or shared, instead of at the top level.
+_FUNCTIONAL_GROUPS = {
+    "PixelValueTransformationSequence": ("RescaleSlope", "RescaleIntercept", "RescaleType"),
+    "FrameVOILUTSequence": ("WindowCenter", "WindowWidth", "VOILUTFunction"),
+}
+
+
+def _lift_functional_groups(ds, index: int) -> None:
+    """Copy the frame's rescale and window settings to the top level, where the LUT code reads them.
+
+    The frame's own (per-frame) group wins over the shared one; top-level values are kept if present.
+    """
+    groups = []
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame and index < len(per_frame):
+        groups.append(per_frame[index])
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if shared:
+        groups.append(shared[0])
+    for sequence, keywords in _FUNCTIONAL_GROUPS.items():
+        if any(k in ds for k in keywords[:2]):
+            continue
+        for group in groups:
+            items = group.get(sequence)
+            if items:
+                for k in keywords:
+                    if k in items[0]:
+                        setattr(ds, k, items[0][k].value)
+                break
 
 
 def _number_of_frames(ds) -> int:

@@ -323,6 +323,21 @@ def test_real_multiframe_mr_middle_frame() -> None:
     assert (_grey(read_image(path)) == expected).all()
 
 
+def test_real_enhanced_ct_uses_its_functional_groups() -> None:
+    """Enhanced CT keeps rescale and window in functional groups: the window (49/102 HU) must apply."""
+    path = _testdata("eCT_Supplemental.dcm")
+    ds = pydicom.dcmread(path)
+    assert "WindowCenter" not in ds and int(ds.NumberOfFrames) == 2
+    transform = ds.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence[0]
+    window = ds.SharedFunctionalGroupsSequence[0].FrameVOILUTSequence[0]
+    hu = pixel_array(ds, index=1) * float(transform.RescaleSlope) + float(transform.RescaleIntercept)
+    c, w = float(window.WindowCenter), float(window.WindowWidth)
+    expected = np.rint(np.clip((hu - (c - 0.5)) / (w - 1) + 0.5, 0, 1) * 255)
+    out = _grey(read_image(path))
+    assert (out == expected).all()
+    assert (out == 0).mean() > 0.2 and (out == 255).any()  # a soft-tissue window clips air and bone
+
+
 def test_real_colour_dicoms() -> None:
     rgb = _arr(read_image(_testdata("SC_rgb.dcm")))
     # The same picture stored as YBR_FULL_422, 16-bit RGB, RLE and lossy JPEG (YBR) decode alike.
