@@ -34,8 +34,9 @@ visible in the image, large enough to survive a resize to 64 px:
 Held-out combinations (never in train, every 4th image of valid and test): see
 :data:`HELD_OUT_RULES`. Each single value of each fact still appears in train.
 
-Images are stored with one channel (L), as grey RGB, or in true colour (coloured annotation arrows,
-colour Doppler on ultrasound), in ROCOv2-like sizes (500-1000 px a side by default).
+Images are stored with one channel (L), as grey RGB (some with coloured annotation arrows: grey
+pictures with colour marks), or in true colour (colour Doppler on ultrasound), in ROCOv2-like sizes
+(500-1000 px a side by default).
 Everything is deterministic for a seed: the same options give the same bytes.
 """
 
@@ -183,7 +184,8 @@ FACT_COLUMNS = [
     "arrow",  # "" or the arrow colour name
     "doppler",  # 1 if a colour Doppler overlay was drawn
     "stored_mode",  # L or RGB as written to the JPEG
-    "true_color",  # 1 if the image holds real colour
+    "true_color",  # 1 if colour is a real part of the picture (colour Doppler), as data.py counts it
+    "color_marks",  # 1 if a grey image carries coloured annotation marks only (a coloured arrow)
     "lesion_x",  # lesion centre as a fraction of the width (0 = left edge)
     "lesion_y",
     "held_out",  # 1 if the (modality, region, finding, side) matches a HELD_OUT_RULES entry
@@ -298,8 +300,8 @@ def _sample_params(
         doppler = bool(rng.random() < 0.4)
     elif rng.random() < 0.35:
         arrow = ("yellow", "red", "blue", "green", "white")[int(rng.integers(5))]
-    true_color = doppler or (arrow is not None and arrow != "white")
-    stored_mode = "RGB" if true_color or rng.random() < 0.5 else "L"
+    has_color = doppler or (arrow is not None and arrow != "white")
+    stored_mode = "RGB" if has_color or rng.random() < 0.5 else "L"
     lo, hi = size_range
     for _ in range(100):  # varied aspect, within ROCOv2-like bounds
         width, height = int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
@@ -1244,8 +1246,8 @@ def render_phantom(
     arr8 = (np.clip(c.img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     im = Image.fromarray(arr8, mode="L").resize((p.width, p.height), Image.Resampling.BILINEAR)
     lx, ly = c.to_px(*drawn.lesion)
-    k = p.width / ww
-    lesion_px = (lx * k, ly * (p.height / wh))
+    k, ky = p.width / ww, p.height / wh
+    lesion_px = (lx * k, ly * ky)
     if p.doppler or p.arrow:
         im = im.convert("RGB")
         draw = ImageDraw.Draw(im)
@@ -1256,22 +1258,34 @@ def render_phantom(
             bx0, by0 = c.to_px(min(xs) - 0.2, min(ys) - 0.2)
             bx1, by1 = c.to_px(max(xs) + 0.2, max(ys) + 0.2)
             draw.rectangle(
-                (bx0 * k, by0 * k, bx1 * k, by1 * k),
+                (bx0 * k, by0 * ky, bx1 * k, by1 * ky),
                 outline=(200, 200, 200),
                 width=max(1, round(p.width / 400)),
             )
+            # The velocity colour bar that scanners print beside the image: red/yellow towards
+            # the probe, blue/cyan away.
+            x0, x1 = round(0.03 * p.width), round(0.055 * p.width)
+            y0, y1 = round(0.08 * p.height), round(0.4 * p.height)
+            for y in range(y0, y1):
+                t = (y - y0) / max(1, y1 - y0 - 1)
+                if t < 0.5:
+                    u = 1 - 2 * t
+                    rgb = (round(120 + 135 * u), round(200 * max(0.0, u - 0.5) * 2), 0)
+                else:
+                    u = 2 * t - 1
+                    rgb = (0, round(200 * max(0.0, u - 0.5) * 2), round(120 + 135 * u))
+                draw.line([(x0, y), (x1, y)], fill=rgb)
             for vx, vy, vr, colour in drawn.vessels:
                 px, py = c.to_px(vx, vy)
+                px, py = px * k, py * ky
                 rp = vr * c.s * k * 0.85
                 base = (220, 30, 30) if colour == "red" else (30, 90, 230)
-                draw.ellipse((px * k - rp, py * k - rp, px * k + rp, py * k + rp), fill=base)
-                for _ in range(6):
+                draw.ellipse((px - rp, py - rp, px + rp, py + rp), fill=base)
+                for _ in range(6):  # aliasing: brighter speckles of the opposite shade
                     ox, oy = rng.uniform(-0.5, 0.5, 2) * rp
                     rr = rp * float(rng.uniform(0.15, 0.3))
                     hi = (255, 210, 60) if colour == "red" else (90, 220, 255)
-                    draw.ellipse(
-                        (px * k + ox - rr, py * k + oy - rr, px * k + ox + rr, py * k + oy + rr), fill=hi
-                    )
+                    draw.ellipse((px + ox - rr, py + oy - rr, px + ox + rr, py + oy + rr), fill=hi)
         if p.arrow:
             lesion_r_px = drawn.lesion_r * c.s * k
             direction = float(rng.uniform(-2.6, -0.5))  # from above, left or right
@@ -1404,7 +1418,7 @@ def make_phantoms(
         progress: show a tqdm progress bar.
 
     Returns:
-        A summary: options, per-split counts (images, stored modes, true colour, held-out) and
+        A summary: options, per-split counts (images, stored modes, true colour, colour marks, held-out) and
         per-fact value counts. It is also written to ``out/phantoms.json``. If ``out`` already holds
         a phantom dataset made with the same options, nothing is redrawn and its summary is
         returned with ``"reused": True``.
@@ -1477,7 +1491,8 @@ def make_phantoms(
             lx, ly = positions[k]
             k += 1
             caption = compose_caption(p)
-            true_color = (p.doppler or (p.arrow not in (None, "white"))) and not blank
+            true_color = p.doppler and not blank
+            color_marks = p.arrow not in (None, "white") and not blank
             held = is_held_out(asdict(p))
             cap_rows.append([image_id, caption])
             organ_cui = ORGAN_CUI.get(p.organ)
@@ -1489,12 +1504,13 @@ def make_phantoms(
             fact_rows.append([
                 image_id, p.modality, p.plane, p.region, p.finding, p.side, p.size or "",
                 f"{_format_number(p.size_value)} {p.size_unit}" if p.size_value is not None else "",
-                p.organ, p.arrow or "", str(int(p.doppler)), p.stored_mode, str(int(true_color)),
+                p.organ, p.arrow or "", str(int(p.doppler)), p.stored_mode, str(int(true_color)), str(int(color_marks)),
                 f"{lx:.4f}", f"{ly:.4f}", str(int(held)), str(p.width), str(p.height),
             ])  # fmt: skip
             stats["images"] += 1
             stats[f"stored_{p.stored_mode}"] += 1
             stats["true_color"] += int(true_color)
+            stats["color_marks"] += int(color_marks)
             stats["held_out"] += int(held)
             for fact, counter in fact_counts.items():
                 counter[getattr(p, fact) or "none"] += 1
@@ -1503,7 +1519,8 @@ def make_phantoms(
         _write_csv(out / f"{split}_concepts_manual.csv", ["ID", "CUIs"], man_rows)
         _write_csv(out / f"{split}_phantom_facts.csv", FACT_COLUMNS, fact_rows)
         summary["splits"][split] = {
-            k: int(stats.get(k, 0)) for k in ("images", "stored_L", "stored_RGB", "true_color", "held_out")
+            k: int(stats.get(k, 0))
+            for k in ("images", "stored_L", "stored_RGB", "true_color", "color_marks", "held_out")
         }
     _write_csv(
         out / "cui_mapping.csv", ["CUI", "Canonical name"], [[c, name] for c, name in CUI_NAMES.items()]
@@ -1590,6 +1607,6 @@ def cli(argv: list[str]) -> int:
     for split, st in summary["splits"].items():
         print(
             f"  {split:5s} {st['images']:6d} images  L {st['stored_L']}  RGB {st['stored_RGB']}  "
-            f"true colour {st['true_color']}  held-out combinations {st['held_out']}"
+            f"true colour {st['true_color']}  colour marks {st['color_marks']}  held-out combinations {st['held_out']}"
         )
     return 0

@@ -109,14 +109,18 @@ def test_images_are_jpegs_of_rocov2_like_sizes_and_mixed_modes(dataset: Path) ->
                 modes["L"] += 1
                 continue
             arr = np.asarray(im.convert("RGB"), dtype=np.int16)
-            spread = (arr.max(axis=2) - arr.min(axis=2)).astype(np.int16)
-            if t["true_color"] == "1":
+            coloured = (arr.max(axis=2) - arr.min(axis=2)) > 60
+            if t["true_color"] == "1":  # colour Doppler: colour is a real part of the picture
                 modes["colour"] += 1
-                assert (spread > 60).sum() > 100, f"{image_id}: true colour but no coloured pixels"
+                assert coloured.mean() > 0.01, f"{image_id}: true colour on {coloured.mean():.2%} of pixels"
+            elif t["color_marks"] == "1":  # a coloured arrow on a grey picture
+                modes["marks"] += 1
+                assert 100 < coloured.sum() and coloured.mean() < 0.01, f"{image_id}: {coloured.mean():.2%}"
             else:
                 modes["grey RGB"] += 1
+                spread = arr.max(axis=2) - arr.min(axis=2)
                 assert np.percentile(spread, 99.9) <= 8, f"{image_id}: grey RGB but channels differ"
-    assert modes["L"] and modes["grey RGB"] and modes["colour"], modes
+    assert modes["L"] and modes["grey RGB"] and modes["colour"] and modes["marks"], modes
     assert min(aspects) < 0.95 and max(aspects) > 1.05, "aspect ratios should vary"
 
 
