@@ -196,3 +196,37 @@ def test_a_bad_file_shows_a_clear_error(server_url, browser_page, tmp_path):
     page.wait_for_selector(".result[data-state=failed]", timeout=30_000)
     assert "not a JPEG, PNG, TIFF or DICOM file" in page.inner_text("#error")
     page.screenshot(path=str(shots / "serve_error.png"), full_page=True)
+
+
+def test_dropping_two_images_captions_both(server_url, browser_page, tmp_path):
+    """Drag and drop: a real DataTransfer with two files, dropped on the drop zone."""
+    import base64
+
+    page = browser_page
+    first = _phantom_png(tmp_path / "first.png").read_bytes()
+    buf = io.BytesIO()
+    Image.new("RGB", (96, 96), (30, 30, 30)).save(buf, format="JPEG")
+    second = buf.getvalue()
+    expected = [
+        _caption_via_api(server_url, first, "first.png")["caption"],
+        _caption_via_api(server_url, second, "second.jpg")["caption"],
+    ]
+    page.goto(server_url + "/")
+    page.wait_for_selector("#model-info:has-text('tiny')", timeout=30_000)
+    transfer = page.evaluate_handle(
+        """([a, b]) => {
+            const dt = new DataTransfer();
+            const bytes = (s) => Uint8Array.from(atob(s), (c) => c.charCodeAt(0));
+            dt.items.add(new File([bytes(a)], "first.png", {type: "image/png"}));
+            dt.items.add(new File([bytes(b)], "second.jpg", {type: "image/jpeg"}));
+            return dt;
+        }""",
+        [base64.b64encode(first).decode(), base64.b64encode(second).decode()],
+    )
+    page.dispatch_event("#drop-zone", "drop", {"dataTransfer": transfer})
+    page.wait_for_function(
+        "document.querySelectorAll('.result[data-state=done]').length === 2", timeout=60_000
+    )
+    assert page.locator(".result .filename").all_inner_texts() == ["first.png", "second.jpg"]
+    assert page.locator(".result .caption").all_inner_texts() == expected
+    assert page.inner_text("#status") == "2 of 2 captioned"
