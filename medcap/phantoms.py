@@ -297,7 +297,7 @@ def _sample_params(
     arrow: str | None = None
     doppler = False
     if modality == "ultrasound":
-        doppler = bool(rng.random() < 0.4)
+        doppler = bool(rng.random() < 0.5)
     elif rng.random() < 0.35:
         arrow = ("yellow", "red", "blue", "green", "white")[int(rng.integers(5))]
     has_color = doppler or (arrow is not None and arrow != "white")
@@ -1006,8 +1006,9 @@ def _draw_ultrasound(p: PhantomParams, c: _Canvas, rng: np.random.Generator) -> 
         for sx in (-1, 1):
             c.paint(0.62, sx * 0.3, -0.3, 0.26, 0.19)  # thyroid lobes
             c.paint(0.22, sx * 0.3, 0.3, 0.2, 0.12)  # longus colli muscles
-            vessels.append((sx * 0.56, -0.02, 0.1, "red"))  # common carotid artery
-            vessels.append((sx * 0.62, 0.22, 0.09, "blue"))  # internal jugular vein
+            # smaller than any cyst, and always on both sides, so a tiny model can't mistake them
+            vessels.append((sx * 0.56, -0.02, 0.075, "red"))  # common carotid artery
+            vessels.append((sx * 0.64, 0.2, 0.065, "blue"))  # internal jugular vein
         c.paint(0.62, 0, -0.5, 0.2, 0.08)  # isthmus
         c.paint(0.95, 0, -0.4, 0.12, 0.05)  # tracheal ring
         c.paint(0.9, 0, 0.55, 0.3, 0.06)  # vertebral body surface
