@@ -358,9 +358,17 @@ class Batcher:
         self.pending: deque[_Item] = deque()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medcap-model")
         self.waiting = 0  # images submitted and not yet finished
+        self.task: asyncio.Task | None = None  # the worker, started by the app's lifespan
+
+    @property
+    def alive(self) -> bool:
+        """True while the worker task runs (a bug that ends it must not leave requests hanging)."""
+        return self.task is not None and not self.task.done()
 
     def submit(self, images: list, gen: GenerateConfig) -> list[asyncio.Future]:
         """Queue images for captioning with ``gen``; raises ServeError 503 when the queue is full."""
+        if not self.alive:
+            raise ServeError(503, "worker_down", "the model worker is not running; restart the service")
         if self.waiting + len(images) > self.max_queue:
             raise ServeError(
                 503,
@@ -376,6 +384,15 @@ class Batcher:
             futures.append(fut)
         self.waiting += len(images)
         return futures
+
+    def fail_waiting(self, _task: asyncio.Task | None = None) -> None:
+        """Answer every waiting image with an error once the worker has stopped (never leave a hang)."""
+        self._drain()
+        for it in self.pending:
+            if not it.future.done():
+                it.future.set_exception(RuntimeError("the model worker stopped"))
+        self.pending.clear()
+        self.waiting = 0
 
     def _drain(self) -> None:
         while True:
@@ -577,6 +594,8 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         task = asyncio.create_task(batcher.run(), name="medcap-batcher")
+        batcher.task = task
+        task.add_done_callback(batcher.fail_waiting)
         try:
             yield
         finally:
@@ -654,13 +673,16 @@ def create_app(
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.get("/healthz", summary="Liveness check")
-    async def healthz() -> dict[str, Any]:
-        return {
-            "status": "ok",
+    async def healthz():
+        alive = batcher.alive
+        body = {
+            "status": "ok" if alive else "error",
+            "detail": None if alive else "the model worker is not running; restart the service",
             "version": medcap.__version__,
             "auth_required": bool(token),
             "queue_depth": batcher.waiting,
         }
+        return JSONResponse(body, status_code=200 if alive else 503)
 
     def model_info() -> dict[str, Any]:
         return {

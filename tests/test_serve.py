@@ -141,6 +141,8 @@ def test_health_model_info_and_openapi(client):
     page = client.get("/")
     assert page.status_code == 200 and "medcap" in page.text and "/static/app.js" in page.text
     assert client.get("/static/app.js").status_code == 200
+    # FastAPI's Swagger page (it loads its JavaScript from a CDN, so offline it renders blank).
+    assert client.get("/docs").status_code == 200
 
 
 def test_bearer_token(served):
@@ -319,3 +321,28 @@ def test_cli_argument_errors(capsys):
     assert cli(["--checkpoint", "x", "--adapter", "y"]) == 2
     assert cli(["--model", "tiny", "--batch-window-ms", "-1"]) == 2
     assert "window" in capsys.readouterr().err
+
+
+def test_service_survives_a_model_failure_and_reports_a_dead_worker(served):
+    model, processor, prompt, info = served
+    failures = {"left": 1}
+
+    def flaky_caption(model_, processor_, images, gen, prompt_):
+        if failures["left"]:
+            failures["left"] -= 1
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return caption_images(model_, processor_, images, gen, prompt_)
+
+    app = create_app(model, processor, gen_defaults=DEFAULTS, prompt=prompt, caption_fn=flaky_caption)
+    files = {"files": ("a.png", _image_bytes("PNG"))}
+    with TestClient(app) as c:
+        r = c.post("/v1/captions", files=files)
+        assert r.status_code == 500 and r.json()["error"] == "generation_failed"
+        assert "out of memory" in r.json()["detail"]
+        assert c.post("/v1/captions", files=files).status_code == 200  # the next one works
+        # Should the worker ever stop, health says so and requests fail fast instead of hanging.
+        c.portal.call(app.state.batcher.task.cancel)
+        health = c.get("/healthz")
+        assert health.status_code == 503 and health.json()["status"] == "error"
+        r = c.post("/v1/captions", files=files)
+        assert r.status_code == 503 and r.json()["error"] == "worker_down"
