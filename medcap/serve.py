@@ -21,6 +21,11 @@ undecodable image (422), too many pixels (413), bad or unknown option (422), mis
 queue full (503). Nothing a user sends is used as a file path: uploaded file names are only
 echoed back, sanitised.
 
+Example::
+
+    medcap serve --checkpoint runs/demo/run/checkpoints/best --port 8000
+    curl -F files=@scan.jpg -F files=@ct.dcm -F num_beams=3 http://127.0.0.1:8000/v1/captions
+
 FastAPI's /docs page loads Swagger UI's JavaScript from a CDN (cdn.jsdelivr.net); on a machine
 with no internet it shows a blank page, while /openapi.json (the schema itself) always works.
 """
@@ -807,7 +812,7 @@ def create_app(
             uploads: list[tuple[str, UploadFile]] = []
             fields: dict[str, list[str]] = {}
             for key, value in form.multi_items():
-                if isinstance(value, UploadFile) or hasattr(value, "read") and not isinstance(value, str):
+                if isinstance(value, UploadFile):
                     if key not in ("files", "file"):
                         raise ServeError(
                             422, "unknown_field", f"files go in the field 'files', not {key!r}", key
@@ -840,20 +845,23 @@ def create_app(
                 data = await up.read()
                 t_dec = time.perf_counter()
                 image, fmt = await anyio.to_thread.run_sync(decode, data, name, i)
-                decoded.append((name, image, fmt, (time.perf_counter() - t_dec) * 1000.0))
+                # The preview (a PNG encode) is made off the event loop too.
+                preview = await anyio.to_thread.run_sync(png_data_url, image) if opts.preview else None
+                decoded.append((name, image, fmt, preview, (time.perf_counter() - t_dec) * 1000.0))
         finally:
             await form.close()
         t_queued = time.perf_counter()
         futures = batcher.submit([d[1] for d in decoded], gen)
         try:
             outcomes = await asyncio.gather(*futures)
-        except Exception as e:
-            log.exception("captioning failed")
+        except Exception as e:  # the worker has logged the traceback
             raise ServeError(
                 500, "generation_failed", f"the model failed on this request: {type(e).__name__}: {e}"
             ) from None
         results = []
-        for i, ((name, image, fmt, decode_ms), out) in enumerate(zip(decoded, outcomes, strict=True)):
+        for i, ((name, image, fmt, preview, decode_ms), out) in enumerate(
+            zip(decoded, outcomes, strict=True)
+        ):
             results.append(
                 {
                     "index": i,
@@ -862,7 +870,7 @@ def create_app(
                     "format": fmt,
                     "width": image.width,
                     "height": image.height,
-                    "preview": png_data_url(image) if opts.preview else None,
+                    "preview": preview,
                     "timings": {
                         "decode_ms": round(decode_ms, 3),
                         "queue_ms": round(out["queue_ms"], 3),
