@@ -719,6 +719,20 @@ def cli_caption(argv: list[str]) -> int:
     return 1 if skipped else 0
 
 
+def _prepared_from_run(run_cfg: dict[str, Any], ckpt: Path | None, split: str) -> Path:
+    """The checkpoint's ``data.prepared``. A relative path was relative to where training ran: try
+    the current folder first, then the folders above the checkpoint (so it works from anywhere)."""
+    from medcap.data import DataConfig
+
+    prepared = Path((run_cfg.get("data") or {}).get("prepared") or DataConfig().prepared)
+    if prepared.is_absolute() or ckpt is None:
+        return prepared
+    for base in [Path.cwd(), *ckpt.resolve().parents]:
+        if DataConfig(prepared=base / prepared).manifest(split).is_file():
+            return base / prepared
+    return prepared
+
+
 def cli_predict(argv: list[str]) -> int:
     """``medcap predict --checkpoint RUN --split test [--prepared DIR] [--out FILE]``.
 
@@ -770,7 +784,7 @@ def cli_predict(argv: list[str]) -> int:
         run_cfg = yaml.safe_load((ckpt / "config.yaml").read_text(encoding="utf-8")) or {}
     else:
         ckpt, run_dir = None, None
-    prepared = args.prepared or Path((run_cfg.get("data") or {}).get("prepared") or DataConfig().prepared)
+    prepared = args.prepared or _prepared_from_run(run_cfg, ckpt, args.split)
     manifest = DataConfig(prepared=prepared).manifest(args.split)
     try:
         rows = read_manifest(manifest, limit=args.limit)

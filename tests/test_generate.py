@@ -442,13 +442,19 @@ def test_predict_writes_a_valid_submission(opt, run_dir: Path, capsys: pytest.Ca
     assert meta["images"] == 5 and meta["generate"]["max_new_tokens"] == 12 and meta["unreadable"] == []
 
 
-def test_predict_options_and_unreadable_image(run_dir: Path, tmp_path: Path, capsys) -> None:
+def test_predict_options_and_unreadable_image(run_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
     # Copy the prepared split and break one image: it gets an empty caption, the file stays valid.
     prepared = tmp_path / "prepared"
     shutil.copytree(run_dir.parent / "prepared", prepared)
     manifest = prepared / "test" / "manifest.csv"
     with manifest.open(encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))
+    for r in rows:  # point the copy's manifest at the copied images, never at the shared fixture's
+        r["image"] = str(prepared / "test" / Path(r["image"]).name)
+    with manifest.open("w", encoding="utf-8", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
     Path(rows[2]["image"]).unlink()
     out = tmp_path / "preds" / "beam.csv"
     argv = ["--checkpoint", str(run_dir), "--prepared", str(prepared), "--out", str(out), "--num-beams", "2"]
@@ -460,6 +466,17 @@ def test_predict_options_and_unreadable_image(run_dir: Path, tmp_path: Path, cap
         assert list(csv.reader(f))[3] == [rows[2]["id"], ""]
     meta = json.loads(out.with_name("beam.meta.json").read_text())
     assert meta["generate"]["num_beams"] == 2 and meta["unreadable"] == [rows[2]["id"]]
+    # A relative data.prepared in the checkpoint's config is found from another working folder.
+    rel_run = tmp_path / "project" / "runs" / "x"
+    shutil.copytree(run_dir, rel_run)
+    shutil.copytree(prepared, tmp_path / "project" / "prep")
+    for cfg_file in (rel_run / "config.yaml", rel_run / "checkpoints" / "best" / "config.yaml"):
+        cfg = yaml.safe_load(cfg_file.read_text())
+        cfg["data"]["prepared"] = "prep"
+        cfg_file.write_text(yaml.safe_dump(cfg))
+    monkeypatch.chdir(tmp_path)
+    assert cli_predict(["--checkpoint", str(rel_run), "--limit", "1"]) == 0
+    assert (rel_run / "predictions" / "test.csv").is_file()
     # --limit, and a split that is not there.
     assert cli_predict([*argv[:6], "--limit", "2"]) == 0
     assert cli_predict(["--checkpoint", str(run_dir), "--split", "valid"]) == 2
