@@ -481,3 +481,20 @@ def test_predict_options_and_unreadable_image(run_dir: Path, tmp_path: Path, cap
     assert cli_predict([*argv[:6], "--limit", "2"]) == 0
     assert cli_predict(["--checkpoint", str(run_dir), "--split", "valid"]) == 2
     assert "run 'medcap data prepare" in capsys.readouterr().err
+
+
+def test_predict_with_a_base_model(run_dir: Path, tmp_path: Path, capsys) -> None:
+    """Zero-shot: a base model (no checkpoint) needs --prepared and --out."""
+    prepared = run_dir.parent / "prepared"
+    with pytest.raises(SystemExit):
+        cli_predict(["--model", "tiny"])
+    assert "give --prepared DIR and --out FILE" in capsys.readouterr().err
+    out = tmp_path / "zero_shot.csv"
+    assert (
+        cli_predict(
+            ["--model", "tiny", "--prepared", str(prepared), "--out", str(out), "--max-new-tokens", "4"]
+        )
+        == 0
+    )
+    assert check_submission(out, prepared / "test" / "manifest.csv") == []
+    assert json.loads(out.with_name("zero_shot.meta.json").read_text())["model"]["base"] == "tiny"

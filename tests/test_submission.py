@@ -260,6 +260,14 @@ def test_cli_exit_codes(tmp_path: Path, refs: Path, capsys: pytest.CaptureFixtur
     assert cli([str(good), "--references", str(tmp_path / "absent.csv")]) == 1
 
 
+def test_medcap_command_dispatch(tmp_path: Path, refs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from medcap.cli import main
+
+    good = write_submission(tmp_path / "good.csv", IDS, ["x"] * 5)
+    assert main(["check-submission", str(good), "--references", str(refs)]) == 0
+    assert "OK:" in capsys.readouterr().out
+
+
 def test_real_rocov2_valid_references(tmp_path: Path) -> None:
     """A full submission for the real ROCOv2 valid captions passes; one dropped row is found."""
     captions_csv = SHARED / "data" / "rocov2-valid" / "valid_captions.csv"
