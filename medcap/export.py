@@ -211,6 +211,22 @@ def _log_summary(run_dir: Path | None) -> dict[str, Any]:
     return out
 
 
+def _checkpoint_summary(checkpoint: Path) -> dict[str, Any]:
+    """Numbers training stored with the checkpoint (``metrics.json``: step, best validation loss ...)."""
+    path = checkpoint / "metrics.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    out = {}
+    for key, value in data.items() if isinstance(data, dict) else []:
+        if isinstance(value, bool | int | float | str):
+            out[f"checkpoint {key}"] = round(value, 4) if isinstance(value, float) else value
+    return out
+
+
 def _yaml_scalar_rows(section: dict[str, Any] | None, prefix: str = "") -> list[tuple[str, Any]]:
     rows: list[tuple[str, Any]] = []
     for key, value in (section or {}).items():
@@ -472,7 +488,7 @@ def export(
             merged=merge,
             base_dir_written=base_dir_written,
             metrics=_read_metrics(run_dir),
-            log_summary=_log_summary(run_dir),
+            log_summary={**_log_summary(run_dir), **_checkpoint_summary(checkpoint)},
             dataset=dataset,
             license=license,
             name=out.name,

@@ -56,6 +56,7 @@ def run_dir(tmp_path_factory) -> Path:
     }
     (best / "config.yaml").write_text(yaml.safe_dump(run_cfg, sort_keys=False), encoding="utf-8")
     save_trainable(model, best)
+    (best / "metrics.json").write_text(json.dumps({"step": 40, "best_valid_loss": 2.51234}), encoding="utf-8")
     (run / "eval" / "test").mkdir(parents=True)
     metrics = {
         "n": 40,
@@ -159,6 +160,7 @@ def test_unmerged_export_loads_as_base_plus_adapter(adapter_export, reference):
     assert "| bertscore_f1 | 0.6123 | 0.6001 to 0.6244 |" in card
     assert "| rouge1_f | 0.2512 | 0.2400 to 0.2600 |" in card
     assert "| best validation loss | 2.5 |" in card and "| steps | 40 |" in card
+    assert "| checkpoint best_valid_loss | 2.5123 |" in card
     results = meta["model-index"][0]["results"][0]
     assert results["dataset"]["split"] == "test"
     assert {"type": "bertscore_f1", "name": "bertscore_f1", "value": 0.6123} in results["metrics"]
