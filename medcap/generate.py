@@ -644,6 +644,9 @@ def cli_caption(argv: list[str]) -> int:
         prog="medcap caption",
         description="Caption image files or folders (JPEG, PNG, TIFF, DICOM; folders are searched "
         "recursively). Unreadable files are reported and skipped; the rest are captioned.",
+        epilog="Captions go to stdout as FILE<TAB>CAPTION lines (and to --out as CSV); progress, skipped "
+        "files and the summary go to stderr. Exit code: 0 all captioned, 1 some skipped or none found, "
+        "2 bad arguments or a model that cannot be loaded.",
     )
     p.add_argument("paths", nargs="+", type=Path, help="image files and/or folders")
     p.add_argument("--out", type=Path, help="also write a CSV (file,caption) here")
@@ -673,7 +676,11 @@ def cli_caption(argv: list[str]) -> int:
     cap = _load_or_exit("medcap caption", args)
     if cap is None:
         return 2
-    gen = _decoding_from_args(cap.gen, args)
+    try:
+        gen = _decoding_from_args(cap.gen, args)  # the options on top of the checkpoint's settings
+    except ConfigError as e:
+        print(f"medcap caption: decoding options: {e}", file=sys.stderr)
+        return 2
     print(f"medcap caption: decoding {gen.describe()}", file=sys.stderr)
 
     results: list[tuple[Path, str]] = []
@@ -748,6 +755,9 @@ def cli_predict(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="medcap predict",
         description="Caption a prepared split and write an ImageCLEFmedical submission file.",
+        epilog="Writes RUN/predictions/SPLIT.csv (ID,Caption in manifest order), SPLIT.zip (submission.csv "
+        "inside, what the challenge site takes) and SPLIT.meta.json, then checks the CSV. An image that "
+        "cannot be read gets an empty caption and a warning, so the file still has every ID.",
     )
     p.add_argument("--split", default="test", help="split to caption (default test)")
     p.add_argument(
@@ -800,7 +810,11 @@ def cli_predict(argv: list[str]) -> int:
     cap = _load_or_exit("medcap predict", args)
     if cap is None:
         return 2
-    gen = _decoding_from_args(cap.gen, args)
+    try:
+        gen = _decoding_from_args(cap.gen, args)  # the options on top of the checkpoint's settings
+    except ConfigError as e:
+        print(f"medcap predict: decoding options: {e}", file=sys.stderr)
+        return 2
     print(f"medcap predict: {len(rows)} images of {manifest}; decoding {gen.describe()}", file=sys.stderr)
 
     captions: dict[str, str] = {}
