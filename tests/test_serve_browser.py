@@ -47,17 +47,18 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server_url():
-    """``medcap serve --model tiny`` on a real uvicorn in a background thread."""
-    import uvicorn
-
-    from medcap.generate import GenerateConfig
-    from medcap.serve import create_app, load_for_serving
+def tiny():
+    """The tiny model as ``medcap serve --model tiny`` loads it."""
+    from medcap.serve import load_for_serving
 
     model, processor, _, prompt, info = load_for_serving(model="tiny", device="cpu")
-    app = create_app(
-        model, processor, gen_defaults=GenerateConfig(max_new_tokens=12), prompt=prompt, info=info
-    )
+    return model, processor, prompt, info
+
+
+def _run_server(app):
+    """Start ``app`` on a real uvicorn (127.0.0.1, a free port) in a thread; returns (url, stop)."""
+    import uvicorn
+
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -67,9 +68,27 @@ def server_url():
         if time.time() > deadline or not thread.is_alive():
             pytest.fail("uvicorn did not start within 60 s")
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+    return f"http://127.0.0.1:{port}", stop
+
+
+@pytest.fixture(scope="module")
+def server_url(tiny):
+    """``medcap serve --model tiny`` on a real uvicorn in a background thread."""
+    from medcap.generate import GenerateConfig
+    from medcap.serve import create_app
+
+    model, processor, prompt, info = tiny
+    app = create_app(
+        model, processor, gen_defaults=GenerateConfig(max_new_tokens=12), prompt=prompt, info=info
+    )
+    url, stop = _run_server(app)
+    yield url
+    stop()
 
 
 @pytest.fixture(scope="module")
@@ -230,3 +249,34 @@ def test_dropping_two_images_captions_both(server_url, browser_page, tmp_path):
     assert page.locator(".result .filename").all_inner_texts() == ["first.png", "second.jpg"]
     assert page.locator(".result .caption").all_inner_texts() == expected
     assert page.inner_text("#status") == "2 of 2 captioned"
+
+
+def test_token_protected_service_asks_for_the_token(tiny, browser_page, tmp_path):
+    from medcap.generate import GenerateConfig
+    from medcap.serve import create_app
+
+    model, processor, prompt, info = tiny
+    app = create_app(
+        model,
+        processor,
+        gen_defaults=GenerateConfig(max_new_tokens=6),
+        prompt=prompt,
+        info=info,
+        token="open-sesame",
+    )
+    url, stop = _run_server(app)
+    try:
+        page = browser_page
+        image = _phantom_png(tmp_path / "chest.png")
+        page.goto(url + "/")
+        page.wait_for_selector("#token-row:not([hidden])", timeout=30_000)
+        assert "needs an access token" in page.inner_text("#model-info")
+        page.fill("#token-input", "open-sesame")
+        page.dispatch_event("#token-input", "change")
+        page.wait_for_selector("#model-info:has-text('tiny')", timeout=30_000)
+        page.set_input_files("#file-input", str(image))
+        page.wait_for_selector(".result[data-state=done]", timeout=60_000)
+        assert page.inner_text(".result .caption").strip()
+    finally:
+        page.evaluate("sessionStorage.clear()")
+        stop()
