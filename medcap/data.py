@@ -30,7 +30,7 @@ A file stored with three channels is often a grey picture (a scanner or a figure
 and a grey radiograph with a small coloured arrow is still a grey radiograph. ``true_color`` is 1
 when *colour carries a real part of the picture*: the image is decoded at 1/8 scale (JPEG draft
 mode, so only the DCT DC terms are computed: cheap, and the 8x8 averaging also removes JPEG noise;
-small images are reduced less, keeping at least 64 px on the short side), a pixel counts as
+small images are reduced less, keeping at least 48 px on the short side), a pixel counts as
 coloured when its channels differ by more than ``color_threshold`` levels (default 24 of 255: JPEG
 noise and chroma rounding in grey-as-RGB files stay far below that), and the image is true colour
 when more than ``color_fraction`` (default 1%) of its pixels are coloured. A coloured arrow, letter
@@ -61,7 +61,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageChops, ImageFile, UnidentifiedImageError
 
 ColorPolicy = Literal["stored-rgb", "true-color", "all"]
 COLOR_POLICIES: tuple[str, ...] = ("stored-rgb", "true-color", "all")
@@ -677,23 +677,27 @@ def _tail_has_end_marker(f: Any, size: int, fmt: str) -> bool | None:
 
 
 def _color_fraction(im: Image.Image, threshold: int) -> float:
-    """Fraction of pixels whose channels differ by more than ``threshold``."""
-    import numpy as np
-
+    """Fraction of pixels whose channels differ by more than ``threshold`` (max - min over R, G, B,
+    which equals the largest pairwise difference). Pillow's C operations: a numpy reduction over the
+    channel axis was 10x slower and dominated the colour check."""
     if im.mode != "RGB":
         im = im.convert("RGBA").convert("RGB") if im.mode in ("P", "PA") else im.convert("RGB")
-    a = np.asarray(im)
-    if a.size == 0:
+    n = im.width * im.height
+    if n == 0:
         return 0.0
-    chroma = a.max(axis=2).astype(np.int16) - a.min(axis=2)
-    return float((chroma > threshold).mean())
+    r, g, b = im.split()
+    chroma = ImageChops.lighter(
+        ImageChops.lighter(ImageChops.difference(r, g), ImageChops.difference(g, b)),
+        ImageChops.difference(r, b),
+    )
+    return sum(chroma.histogram()[threshold + 1 :]) / n
 
 
 def _reduced_decode(im: Image.Image) -> Image.Image:
     """Decode at up to 1/8 scale: JPEG draft mode (DC terms only), else decode and reduce. The
-    scale keeps at least 64 pixels on the short side, so small marks stay small on small images."""
+    scale keeps at least 48 pixels on the short side, so small marks stay small on small images."""
     w, h = im.size
-    scale = next(s for s in (8, 4, 2, 1) if min(w, h) // s >= 64 or s == 1)
+    scale = next(s for s in (8, 4, 2, 1) if min(w, h) // s >= 48 or s == 1)
     target = (max(1, w // scale), max(1, h // scale))
     if im.format == "JPEG":
         im.draft(None, target)  # keeps the stored mode; libjpeg decodes at 1/8 scale
