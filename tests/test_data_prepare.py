@@ -345,3 +345,21 @@ def test_prepare_phantoms(tmp_path):
                 assert r.true_color is True  # a colour Doppler overlay is colour content
             if fact["arrow"] in ("", "white") and fact["doppler"] == "0":
                 assert r.true_color is False  # grey, whether stored as L or RGB
+
+
+def test_stored_rgb_with_check_color_reports_every_policy(tmp_path, capsys):
+    from medcap.cli import main
+
+    root = tmp_path / "ds"
+    kinds = ["L", "grey-rgb", "color", "arrow"]
+    for i, kind in enumerate(kinds):
+        make_image(root / "test" / f"t{i}.jpg", kind, seed=i)
+    (root / "test_captions.csv").write_text("ID,Caption\n" + "".join(f"t{i},caption {i}\n" for i in range(4)))
+    out = tmp_path / "out"
+    assert main(["data", "prepare", str(root), "--out", str(out), "--check-color", "--no-progress"]) == 0
+    st = json.loads((out / "test" / "stats.json").read_text())
+    assert st["policy_counts"] == {"stored-rgb": 3, "true-color": 1, "all": 4}
+    assert [r.true_color for r in read_manifest(out / "test" / "manifest.csv")] == [False, True, False]
+    capsys.readouterr()
+    assert main(["data", "stats", str(out), "--no-plots"]) == 0
+    assert "colour not measured" not in capsys.readouterr().out  # all three policies have numbers
