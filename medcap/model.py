@@ -22,12 +22,14 @@ the model learns to stop.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -455,13 +457,28 @@ def _round_up(n: int, multiple: int = 64) -> int:
 
 @torch.no_grad()
 def _random_fill(model: torch.nn.Module, seed: int, std: float = 0.02) -> None:
-    """Fill every parameter cheaply and reproducibly: normal(0, std) weights, zero biases, unit norms.
+    """Fill every parameter cheaply and reproducibly: random weights, zero biases, unit norms.
 
-    The default initialisation of BLIP2-OPT-6.7B took 96 s here (truncated normals, fp32 work on
-    every tensor); random weights for dry runs and benchmarks only need the right shapes and sane
-    scales. One generator seeded with ``seed`` makes the result reproducible on a given machine.
+    The default initialisation of BLIP2-OPT-6.7B took 96 s here, and even drawing 7.75B fresh normal
+    numbers takes minutes on a small CPU. Random weights for dry runs, memory checks and benchmarks
+    only need the right shapes and sane scales, so the weights are cut from a pool of
+    ``_POOL_SIZE`` normal(0, std) numbers at random offsets: a memory copy, seconds for 7.75B. The
+    tiny models (well under the pool size per tensor) get fully independent values. One generator
+    seeded with ``seed`` makes the result reproducible.
     """
+    # One thread: the fill is bound by memory, and on a shared CPU every multi-threaded op waits for
+    # all its threads to be scheduled (measured here: 2-4x slower with 2 threads under load).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _fill_parameters(model, seed, std)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fill_parameters(model: torch.nn.Module, seed: int, std: float) -> None:
     gen = torch.Generator(device="cpu").manual_seed(seed)
+    pools: dict[torch.dtype, torch.Tensor] = {}
     seen: set[int] = set()
     for name, param in model.named_parameters(remove_duplicate=False):
         if id(param) in seen:  # tied weights (OPT's lm_head is its embedding)
@@ -469,20 +486,26 @@ def _random_fill(model: torch.nn.Module, seed: int, std: float = 0.02) -> None:
         seen.add(id(param))
         leaf = name.rsplit(".", 1)[-1]
         owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-        if isinstance(owner, torch.nn.LayerNorm) or "layer_norm" in name or "layernorm" in name:
+        if isinstance(owner, torch.nn.LayerNorm) or type(owner).__name__.endswith("LayerNorm"):
             param.fill_(1.0 if leaf == "weight" else 0.0)
         elif leaf == "bias":
             param.zero_()
-        elif type(owner).__name__ == "T5LayerNorm":
-            param.fill_(1.0)
+        elif param.numel() <= _POOL_SIZE // 4:
+            param.copy_(torch.randn(param.shape, generator=gen) * std)
         else:
-            # Generate in fp32 chunks on the CPU generator, then cast: normal_ on bf16 with a
-            # generator is as fast, but chunking keeps the fp32 temporary small for 6.7B.
+            if param.dtype not in pools:
+                pool = torch.randn(_POOL_SIZE, generator=gen).mul_(std).to(param.dtype)
+                pools[param.dtype] = torch.cat([pool, pool])  # any window up to _POOL_SIZE is contiguous
+            pool = pools[param.dtype]
             flat = param.view(-1)
-            chunk = 1 << 24
-            for start in range(0, flat.numel(), chunk):
-                piece = flat[start : start + chunk]
-                piece.copy_(torch.randn(piece.numel(), generator=gen, dtype=torch.float32).mul_(std))
+            for begin in range(0, flat.numel(), _POOL_SIZE):
+                piece = flat[begin : begin + _POOL_SIZE]
+                offset = int(torch.randint(0, _POOL_SIZE, (1,), generator=gen))
+                piece.copy_(pool[offset : offset + piece.numel()])
+
+
+#: Random numbers drawn once per dtype by ``_random_fill`` (4M: 0.2 s to draw).
+_POOL_SIZE = 1 << 22
 
 
 def _materialize_random(config, dtype: torch.dtype, seed: int):
@@ -521,18 +544,22 @@ def _compute_dtype(cfg: ModelConfig) -> torch.dtype:
     return DTYPES[cfg.precision]
 
 
+#: Modules bitsandbytes leaves unquantized: the fp32 Q-Former (as transformers keeps it), the small
+#: projection, and the output head (tied to the input embedding in OPT; int8 heads lose accuracy).
+QUANT_SKIP_MODULES = ["qformer", "query_tokens", "language_projection", "lm_head"]
+
+
 def _quantization_config(cfg: ModelConfig):
     from transformers import BitsAndBytesConfig
 
     if cfg.quantization == "8bit":
-        # The Q-Former stays fp32 and unquantized: transformers keeps _keep_in_fp32_modules out.
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["qformer", "language_projection"])
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=QUANT_SKIP_MODULES)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=_compute_dtype(cfg),
-        llm_int8_skip_modules=["qformer", "language_projection"],
+        llm_int8_skip_modules=QUANT_SKIP_MODULES,
     )
 
 
@@ -543,41 +570,54 @@ def _device_map() -> dict[str, Any]:
     return {"": "cpu"}
 
 
-def _build_base(cfg: ModelConfig, family: str):
+def _offline_config(cfg: ModelConfig, family: str, tokenizer):
+    """The ``Blip2Config`` of a tiny or shipped/local architecture, wired to the offline tokenizer."""
+    special = _special_ids(tokenizer)
+    name = cfg.name_or_path
+    if name in TINY_NAMES:
+        return tiny_blip2_config(family, _round_up(len(tokenizer)), special["image"], special)
+    path = _config_json_path(name)
+    if path is None:
+        raise ConfigError(
+            f"model.name_or_path {name!r}: its config is not here (no hub); shipped configs are "
+            f"{', '.join(SHIPPED_CONFIGS)}, or give a local folder with config.json"
+        )
+    config = _blip2_config_from_file(path)
+    if len(tokenizer) > config.text_config.vocab_size:
+        raise ConfigError(f"{path}: vocab_size {config.text_config.vocab_size} is smaller than the tokenizer")
+    # The offline tokenizer is smaller than the real one: point the special ids at it. The embedding
+    # keeps the real vocabulary size, so parameter counts and memory are the real ones.
+    config.image_token_index = special["image"]
+    text = config.text_config
+    text.pad_token_id = special["pad"]
+    text.eos_token_id = special["eos"]
+    if family == "blip2-opt":
+        text.bos_token_id = special["bos"]
+    else:
+        text.decoder_start_token_id = special["pad"]
+    return config
+
+
+def _build_base(cfg: ModelConfig, family: str, meta: bool = False):
     """The model and processor before PEFT / trainable flags: one branch per way of getting them."""
     from transformers import AutoProcessor, Blip2ForConditionalGeneration
 
     dtype = DTYPES[cfg.precision]
     name = cfg.name_or_path
-    if name in TINY_NAMES or cfg.random_init:
+    if name in TINY_NAMES or cfg.random_init or meta:
         tokenizer = offline_tokenizer(family)
-        special = _special_ids(tokenizer)
-        vocab = _round_up(len(tokenizer))
-        if name in TINY_NAMES:
-            config = tiny_blip2_config(family, vocab, special["image"], special)
-        else:
-            path = _config_json_path(name)
-            if path is None:
-                raise ConfigError(
-                    f"model.random_init: no config for {name!r} here; shipped configs are "
-                    f"{', '.join(SHIPPED_CONFIGS)}, or give a local folder with config.json"
-                )
-            config = _blip2_config_from_file(path)
-            # The offline tokenizer is smaller than the real one: point the special ids at it.
-            # The embedding keeps the real vocabulary size, so the parameter count is the real one.
-            config.image_token_index = special["image"]
-            text = config.text_config
-            text.pad_token_id = special["pad"]
-            text.eos_token_id = special["eos"]
-            if family == "blip2-opt":
-                text.bos_token_id = special["bos"]
-            else:
-                text.decoder_start_token_id = special["pad"]
+        config = _offline_config(cfg, family, tokenizer)
         if cfg.image_size:
             config.vision_config.image_size = cfg.image_size
-        model = _materialize_random(config, dtype, cfg.init_seed)
-        if cfg.quantization != "none":
-            model = _quantize_in_memory(model, cfg)
+        if meta:
+            # Shapes only (parameter counts, planning): no memory, no initialisation work.
+            with torch.device("meta"):
+                model = Blip2ForConditionalGeneration(config)
+            _cast_keeping_fp32(model, dtype)
+        else:
+            model = _materialize_random(config, dtype, cfg.init_seed)
+            if cfg.quantization != "none":
+                model = _quantize_in_memory(model, cfg)
         processor = make_processor(tokenizer, config.vision_config.image_size, config.num_query_tokens)
         return model, processor
 
@@ -593,10 +633,41 @@ def _build_base(cfg: ModelConfig, family: str):
             processor.num_query_tokens = model.config.num_query_tokens
     else:  # pragma: no cover - a new family is one more branch here
         raise ConfigError(f"model.family {family!r} is not supported")
-    if cfg.image_size:
-        model.config.vision_config.image_size = cfg.image_size
+    if cfg.image_size and cfg.image_size != model.config.vision_config.image_size:
+        resize_vision_positions(model, cfg.image_size)
         processor.image_processor.size = {"height": cfg.image_size, "width": cfg.image_size}
     return model, processor
+
+
+def _cast_keeping_fp32(model, dtype: torch.dtype) -> None:
+    """Cast to ``dtype`` except the Q-Former and query tokens, which stay fp32 (as transformers does)."""
+    for name, param in model.named_parameters():
+        want = torch.float32 if name.startswith(("qformer.", "query_tokens")) else dtype
+        if param.dtype != want:
+            param.data = param.data.to(want)
+
+
+@torch.no_grad()
+def resize_vision_positions(model, image_size: int) -> None:
+    """Re-grid the vision tower's position embeddings for ``image_size`` (bicubic, as LAVIS does).
+
+    Pretrained BLIP-2 sees 224 px; LAVIS fine-tunes captioning at 364 px with interpolated positions.
+    Resizing once at build time keeps every forward and generate call free of extra arguments.
+    """
+    emb = _unwrap(model).vision_model.embeddings
+    patch = emb.patch_size
+    if image_size % patch:
+        raise ConfigError(f"model.image_size {image_size} is not a multiple of the patch size {patch}")
+    grid = image_size // patch
+    dummy = torch.empty(1, 1 + grid * grid, emb.embed_dim, device="meta")
+    new = emb.interpolate_pos_encoding(dummy, image_size, image_size)
+    emb.position_embedding = torch.nn.Parameter(
+        new.contiguous(), requires_grad=emb.position_embedding.requires_grad
+    )
+    emb.image_size = image_size
+    emb.num_patches = grid * grid
+    emb.num_positions = grid * grid + 1
+    _unwrap(model).config.vision_config.image_size = image_size
 
 
 def _quantize_in_memory(model, cfg: ModelConfig):
@@ -724,18 +795,26 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def build_model(cfg: ModelConfig, verbose: bool = True):
+def build_model(cfg: ModelConfig, verbose: bool = True, meta: bool = False):
     """Build the BLIP-2 model and its processor as ``cfg`` says, with PEFT and trainable flags applied.
 
     Returns ``(model, processor)``. The model is a ``PeftModel`` when ``cfg.peft.method`` is not
     ``none``. The model is in eval mode (call ``model.train()`` to train). ``model.medcap_config`` holds ``cfg`` and ``model.medcap_lora_modules`` the names of the
     modules that got adapters. Prints the trainable and total parameter counts (``verbose``).
+
+    ``meta=True`` builds on the meta device from the tiny, shipped or local config: shapes only, no
+    memory and no weights, for parameter counts and memory planning (quantization is not applied).
     """
+    import peft  # noqa: F401 - imported before the clock starts: the build time excludes imports
+    import transformers  # noqa: F401
+
     start = time.perf_counter()
     family = resolve_family(cfg)
     if cfg.random_init and cfg.name_or_path not in TINY_NAMES and cfg.quantization != "none":
         log.info("random_init with quantization: the random model is quantized through a temporary save")
-    model, processor = _build_base(cfg, family)
+    if meta and cfg.quantization != "none":
+        cfg = dataclasses.replace(cfg, quantization="none")
+    model, processor = _build_base(cfg, family, meta=meta)
 
     for p in model.parameters():
         p.requires_grad_(False)
@@ -750,16 +829,16 @@ def build_model(cfg: ModelConfig, verbose: bool = True):
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     elif cfg.gradient_checkpointing:
+        # Non-reentrant: adapters inside checkpointed blocks get gradients even though the frozen
+        # embeddings' outputs do not require grad (the reentrant variant would silently give none).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     matched: list[str] = []
     if cfg.peft.method != "none":
-        model, matched = _apply_peft(model, cfg, family)
+        # On meta, create the adapters on meta too (no initialisation work for shapes-only builds).
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            model, matched = _apply_peft(model, cfg, family)
     _set_trainable(model, cfg)
-    if cfg.gradient_checkpointing and cfg.peft.method != "none" and not cfg.train_vision:
-        # With frozen embeddings the checkpointed blocks would see inputs without grad; PEFT's helper
-        # makes the input embeddings require grad so the adapters inside receive gradients.
-        _unwrap(model).language_model.enable_input_require_grads()
 
     # Eval mode, as from_pretrained returns it: the training loop calls model.train() itself.
     model.eval()
@@ -934,19 +1013,13 @@ BASE_WEIGHTS_LIMIT = 50_000_000
 
 
 def _adapter_param_names(model) -> set[str]:
+    """Names of the PEFT adapter's own parameters (what ``adapter/`` holds), by the tuner's prefix."""
     from peft import PeftModel
 
     if not isinstance(model, PeftModel):
         return set()
-    from peft.utils import get_peft_model_state_dict
-
-    keys = set(get_peft_model_state_dict(model).keys())
-    # get_peft_model_state_dict strips the adapter name; compare by the trainable names instead.
-    names = set()
-    for n, p in model.named_parameters():
-        if p.requires_grad and any(tag in n for tag in ("lora_", "ia3_", "magnitude_vector")):
-            names.add(n)
-    return names if names or not keys else names
+    prefix = model.base_model.prefix  # "lora_" (LoRA, DoRA's lora_magnitude_vector) or "ia3_"
+    return {n for n, _ in model.named_parameters() if prefix in n}
 
 
 def _fingerprint(model) -> str:
@@ -983,14 +1056,10 @@ def save_trainable(model, directory: str | Path) -> list[str]:
     if isinstance(model, PeftModel):
         tmp = directory / "adapter.tmp"
         if tmp.exists():
-            import shutil
-
             shutil.rmtree(tmp)
         model.save_pretrained(str(tmp))
         final = directory / "adapter"
         if final.exists():
-            import shutil
-
             shutil.rmtree(final)
         tmp.rename(final)
         written.append("adapter")
@@ -1006,31 +1075,30 @@ def save_trainable(model, directory: str | Path) -> list[str]:
         inner = _unwrap(model)
         _, total = count_parameters(inner)
         if total <= BASE_WEIGHTS_LIMIT and cfg.quantization == "none":
+            # Frozen base weights only: trained ones are in trainable.safetensors already.
             base = {
                 _plain_name(n): p.detach().cpu().contiguous()
-                for n, p in inner.named_parameters()
-                if "lora_" not in n and "ia3_" not in n and "magnitude_vector" not in n
+                for n, p in model.named_parameters()
+                if n not in adapter_names and not p.requires_grad
             }
-            # Tied weights share storage; safetensors wants each stored once.
-            base = _dedupe_tied(base)
-            _atomic_save(save_file, base, directory / "base.safetensors")
-            written.append("base.safetensors")
+            if base:
+                _atomic_save(save_file, base, directory / "base.safetensors")
+                written.append("base.safetensors")
         else:
             (directory / "base_fingerprint.txt").write_text(_fingerprint(model) + "\n", encoding="utf-8")
             written.append("base_fingerprint.txt")
+    # A folder saved into again (checkpoints/last) must not keep files of another configuration.
+    for stale in CHECKPOINT_MODEL_FILES - set(written):
+        path = directory / stale
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
     return written
 
 
-def _dedupe_tied(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    seen: dict[int, str] = {}
-    for k, v in tensors.items():
-        ptr = v.untyped_storage().data_ptr()
-        if ptr in seen and v.numel() > 0:
-            continue
-        seen[ptr] = k
-        out[k] = v
-    return out
+#: The files ``save_trainable`` may write into a checkpoint folder.
+CHECKPOINT_MODEL_FILES = {"adapter", "trainable.safetensors", "base.safetensors", "base_fingerprint.txt"}
 
 
 def _plain_name(name: str) -> str:

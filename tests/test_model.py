@@ -17,6 +17,10 @@ from medcap.model import (
     count_parameters,
     decode_captions,
     generation_inputs,
+    load_checkpoint,
+    resize_vision_positions,
+    resolve_family,
+    save_trainable,
 )
 
 
@@ -128,3 +132,316 @@ def test_config_validation_errors():
     with pytest.raises(ConfigError, match="choose one"):
         ModelConfig(name_or_path="tiny", train_qformer=True, peft=PeftSettings(targets="lm-qv+qformer-attn"))
     assert PeftSettings(targets="q_proj,v_proj").targets == ["q_proj", "v_proj"]
+
+
+# ------------------------------------------------------------------------------------------------
+# PEFT presets: where the adapters land, and how many parameters train
+# ------------------------------------------------------------------------------------------------
+
+
+def _lora_count(model, names: list[str], r: int) -> int:
+    """Expected LoRA parameters: r * (in + out) per adapted linear, from the base shapes."""
+    total = 0
+    for name in names:
+        module = model.get_submodule("base_model.model." + name)
+        base = getattr(module, "base_layer", module)
+        total += r * (base.in_features + base.out_features)
+    return total
+
+
+@pytest.mark.parametrize(
+    ("targets", "allowed", "suffixes"),
+    [
+        ("lm-qv", "language_model.", {"q_proj", "v_proj"}),
+        ("lm-attn", "language_model.", {"q_proj", "k_proj", "v_proj", "out_proj"}),
+        ("lm-all", "language_model.", {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}),
+        ("qformer-qv", "qformer.", {"query", "value"}),
+        ("qformer-attn", "qformer.", {"query", "key", "value"}),
+    ],
+)
+def test_lora_presets_land_only_where_intended(targets, allowed, suffixes):
+    model, _ = build_model(tiny_cfg(peft=PeftSettings(targets=targets, r=4)), verbose=False)
+    lora_modules = {n.split(".lora_A")[0] for n, _ in model.named_parameters() if ".lora_A." in n}
+    lora_modules = {n.removeprefix("base_model.model.") for n in lora_modules}
+    assert lora_modules == set(model.medcap_lora_modules)
+    assert lora_modules, "the preset matched nothing"
+    assert all(n.startswith(allowed) for n in lora_modules), lora_modules
+    assert {n.rsplit(".", 1)[-1] for n in lora_modules} == suffixes
+    # The vision tower has fc1/fc2 too: lm-all must not touch it.
+    assert not any(n.startswith("vision_model") for n in lora_modules)
+    if targets.startswith("qformer"):
+        # Self- and cross-attention both.
+        assert any(".crossattention." in n for n in lora_modules)
+    trainable, _ = count_parameters(model)
+    assert trainable == _lora_count(model, sorted(lora_modules), 4)
+    # Every layer of the targeted stack got its adapters: 2 layers in the tiny model, and the
+    # tiny Q-Former cross-attends in both (self + cross attention each).
+    per_layer = 2 if targets.startswith("qformer") else 1
+    assert len(lora_modules) == 2 * per_layer * len(suffixes)
+
+
+def test_lora_preset_combination_and_explicit_list():
+    model, _ = build_model(tiny_cfg(peft=PeftSettings(targets="lm-all+qformer-attn")), verbose=False)
+    prefixes = {n.split(".")[0] for n in model.medcap_lora_modules}
+    assert prefixes == {"language_model", "qformer"}
+    # An explicit list goes to PEFT as is: "fc1" then reaches the vision tower as well.
+    model, _ = build_model(tiny_cfg(peft=PeftSettings(targets=["fc1"])), verbose=False)
+    prefixes = {n.split(".")[0] for n in model.medcap_lora_modules}
+    assert prefixes == {"language_model", "vision_model"}
+    with pytest.raises(ConfigError, match="matches no linear layer"):
+        build_model(tiny_cfg(peft=PeftSettings(targets=["no_such_proj"])), verbose=False)
+
+
+def test_t5_presets_reach_t5_linears():
+    model, _ = build_model(
+        tiny_cfg(name_or_path="tiny-t5", peft=PeftSettings(targets="lm-all")), verbose=False
+    )
+    ends = {n.rsplit(".", 1)[-1] for n in model.medcap_lora_modules}
+    assert ends == {"q", "k", "v", "o", "wi_0", "wi_1", "wo"}
+    assert all(n.startswith("language_model.") for n in model.medcap_lora_modules)
+
+
+def test_full_size_counts_on_meta_device():
+    """BLIP2-OPT-6.7B from the shipped config, shapes only: FACTS 4's trainable counts."""
+    cfg = ModelConfig(precision="bf16", peft=PeftSettings(targets="lm-all+qformer-qv", r=16))
+    model, processor = build_model(cfg, meta=True, verbose=False)
+    inner = model.get_base_model()
+    base_total = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    assert abs(base_total - 7.75e9) / 7.75e9 < 0.005, base_total
+    assert inner.language_model.model.decoder.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert inner.query_tokens.dtype == torch.float32  # kept fp32 like transformers does
+    per_module: dict[str, int] = {}
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            leaf = n.split(".lora_")[0].rsplit(".", 1)[-1]
+            scope = "qformer" if ".qformer." in n else "lm"
+            key = f"{scope}.{leaf}"
+            per_module[key] = per_module.get(key, 0) + p.numel()
+    qv = per_module["lm.q_proj"] + per_module["lm.v_proj"]
+    attn = qv + per_module["lm.k_proj"] + per_module["lm.out_proj"]
+    all6 = attn + per_module["lm.fc1"] + per_module["lm.fc2"]
+    qformer = per_module["qformer.query"] + per_module["qformer.value"]
+    assert round(qv / 1e6, 2) == 8.39
+    assert round(attn / 1e6, 1) == 16.8
+    assert round(all6 / 1e6, 1) == 37.7  # FACTS: 37.8M (37,748,736)
+    assert all6 == 37_748_736
+    assert round(qformer / 1e6, 2) == 0.95
+    assert processor.num_query_tokens == 32
+
+
+@pytest.mark.parametrize("name", ["Salesforce/blip2-opt-2.7b", "Salesforce/blip2-flan-t5-xl"])
+def test_other_shipped_configs_build_on_meta(name):
+    model, _ = build_model(
+        ModelConfig(name_or_path=name, peft=PeftSettings(method="none")), meta=True, verbose=False
+    )
+    total = sum(p.numel() for p in model.parameters())
+    if "2.7b" in name:
+        assert abs(total - 3.74e9) / 3.74e9 < 0.005, total
+    else:
+        # transformers 5.x always ties T5's lm_head to its embedding: 3.88B here (3.94B untied).
+        assert 3.8e9 < total < 4.0e9, total
+
+
+# ------------------------------------------------------------------------------------------------
+# Other PEFT methods, trainable flags, precision, quantization
+# ------------------------------------------------------------------------------------------------
+
+
+def _train_step(model, batch) -> dict[str, torch.Tensor]:
+    """One AdamW step; returns the trainable parameters before the step."""
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    loss = model(**batch).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    opt.step()
+    return before
+
+
+@pytest.mark.parametrize("method", ["dora", "rslora", "ia3"])
+def test_other_peft_methods_train(method):
+    cfg = tiny_cfg(peft=PeftSettings(method=method, targets="lm-all", r=4))
+    model, processor = build_model(cfg, verbose=False)
+    batch = CaptionCollator(processor, cfg, 32)([(_image(0), "CT of the chest"), (_image(1), "MRI")])
+    before = _train_step(model, batch)
+    assert before
+    tag = "ia3_" if method == "ia3" else "lora_"
+    assert all(tag in n for n in before)
+    changed = [n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])]
+    assert changed
+    if method == "dora":
+        assert any("lora_magnitude_vector" in n for n in before)
+    if method == "rslora":
+        layer = model.get_submodule("base_model.model." + model.medcap_lora_modules[0])
+        assert layer.scaling["default"] == pytest.approx(cfg.peft.alpha / 4**0.5)
+    if method == "ia3":
+        # fc1/fc2 are feed-forward modules for (IA)3: scaled on their input.
+        ff = model.peft_config["default"].feedforward_modules
+        assert ff and all(n.rsplit(".", 1)[-1] in ("fc1", "fc2") for n in ff)
+
+
+def test_trainable_flags():
+    model, _ = build_model(tiny_cfg(train_qformer=True, train_language_projection=True), verbose=False)
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"qformer", "query_tokens", "language_projection"}
+    model, _ = build_model(tiny_cfg(train_vision=True), verbose=False)
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"vision_model"}
+    model, _ = build_model(tiny_cfg(peft=PeftSettings(targets="lm-qv"), train_qformer=True), verbose=False)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("lora_" in n for n in names) and any(".qformer." in n and "lora_" not in n for n in names)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        cfg = tiny_cfg(peft=PeftSettings(targets="lm-all", r=4), gradient_checkpointing=checkpointing)
+        torch.manual_seed(0)
+        model, processor = build_model(cfg, verbose=False)
+        with torch.no_grad():  # LoRA B starts at zero; make the adapters matter
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.fill_(0.01)
+        batch = CaptionCollator(processor, cfg, 32)([(_image(0), "CT of the chest")])
+        model.train()
+        model(**batch).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
+
+
+def test_half_precision_keeps_qformer_fp32():
+    cfg = tiny_cfg(precision="bf16", peft=PeftSettings(targets="lm-qv", r=4))
+    model, processor = build_model(cfg, verbose=False)
+    inner = model.get_base_model()
+    assert inner.language_model.model.decoder.layers[0].fc1.weight.dtype == torch.bfloat16
+    assert inner.vision_model.embeddings.patch_embedding.weight.dtype == torch.bfloat16
+    assert inner.qformer.encoder.layer[0].attention.attention.query.weight.dtype == torch.float32
+    assert inner.query_tokens.dtype == torch.float32
+    batch = CaptionCollator(processor, cfg, 32)([(_image(0), "CT of the chest")])
+    assert torch.isfinite(model(**batch).loss)
+
+
+def _bnb_cpu_reason() -> str | None:
+    try:
+        import bitsandbytes as bnb
+
+        layer = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32, quant_type="nf4")
+        layer = layer.to("cpu")
+        layer(torch.randn(2, 64))
+    except Exception as e:  # pragma: no cover - depends on the machine
+        return f"bitsandbytes cannot run 4-bit layers on this CPU: {e}"
+    return None
+
+
+@pytest.mark.parametrize("quantization", ["8bit", "4bit"])
+def test_quantized_tiny_takes_a_lora_step(quantization):
+    reason = _bnb_cpu_reason()
+    if reason:
+        pytest.skip(reason)
+    import bitsandbytes as bnb
+
+    cfg = tiny_cfg(quantization=quantization, peft=PeftSettings(targets="lm-all", r=4))
+    model, processor = build_model(cfg, verbose=False)
+    qtype = bnb.nn.Linear8bitLt if quantization == "8bit" else bnb.nn.Linear4bit
+    inner = model.get_base_model()
+    assert isinstance(inner.language_model.model.decoder.layers[0].fc1.base_layer, qtype)
+    assert isinstance(inner.vision_model.encoder.layers[0].mlp.fc1, qtype)
+    # Kept out of quantization: the fp32 Q-Former and the tied output head.
+    assert type(inner.qformer.encoder.layer[0].attention.attention.query) is torch.nn.Linear
+    assert type(inner.language_model.lm_head) is torch.nn.Linear
+    batch = CaptionCollator(processor, cfg, 32)([(_image(0), "CT of the chest"), (_image(1), "MRI")])
+    before = _train_step(model, batch)
+    assert all("lora_" in n for n in before)
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints, local folders, image size
+# ------------------------------------------------------------------------------------------------
+
+
+def _write_run_config(directory, cfg: ModelConfig) -> None:
+    import yaml
+
+    from medcap.config import to_dict
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.yaml").write_text(yaml.safe_dump({"model": to_dict(cfg), "train": {"lr": 0.001}}))
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"peft": PeftSettings(targets="lm-all", r=4), "train_qformer": True},
+        {"full_finetune": True},
+        {"name_or_path": "tiny-t5", "peft": PeftSettings(method="dora", targets="lm-qv", r=4)},
+    ],
+    ids=["lora+qformer", "full", "t5-dora"],
+)
+def test_checkpoint_round_trip_gives_identical_outputs(tmp_path, monkeypatch, kw):
+    import medcap.model as model_module
+
+    cfg = tiny_cfg(**kw)
+    model, processor = build_model(cfg, verbose=False)
+    batch = CaptionCollator(processor, cfg, 32)([(_image(0), "CT of the chest"), (_image(1), "MRI")])
+    _train_step(model, batch)
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch).logits
+    written = save_trainable(model, tmp_path / "ckpt")
+    _write_run_config(tmp_path / "ckpt", cfg)
+    if cfg.peft.method != "none":
+        assert "adapter" in written and (tmp_path / "ckpt" / "adapter" / "adapter_config.json").is_file()
+    # Rebuilding the random base must not matter: the checkpoint carries it (base.safetensors).
+    original = model_module._fill_parameters
+    monkeypatch.setattr(model_module, "_fill_parameters", lambda m, seed, std: original(m, seed + 1, std))
+    loaded, _, run_cfg = load_checkpoint(tmp_path / "ckpt")
+    with torch.no_grad():
+        got = loaded(**batch).logits
+    assert torch.equal(got, expected)
+    assert run_cfg["train"] == {"lr": 0.001}
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.yaml"):
+        load_checkpoint(tmp_path)
+    cfg = tiny_cfg(peft=PeftSettings(targets="lm-qv", r=4))
+    _write_run_config(tmp_path, cfg)
+    with pytest.raises(FileNotFoundError, match="no adapter/ folder"):
+        load_checkpoint(tmp_path)
+
+
+def test_local_folder_loads_through_from_pretrained(tmp_path):
+    """The hub code path (from_pretrained + AutoProcessor) on a folder: works offline."""
+    cfg = tiny_cfg()
+    model, processor = build_model(cfg, verbose=False)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded_cfg = ModelConfig(name_or_path=str(tmp_path), peft=PeftSettings(targets="lm-qv", r=4))
+    loaded, loaded_processor = build_model(loaded_cfg, verbose=False)
+    assert resolve_family(loaded_cfg) == "blip2-opt"
+    batch = CaptionCollator(loaded_processor, loaded_cfg, 32)([(_image(0), "CT of the chest")])
+    expected = CaptionCollator(processor, cfg, 32)([(_image(0), "CT of the chest")])
+    for key in expected:
+        assert torch.equal(batch[key], expected[key]), key
+    with torch.no_grad():
+        assert torch.allclose(loaded(**batch).logits, model(**batch).logits, atol=1e-6)
+
+
+def test_image_size_override():
+    cfg = tiny_cfg(image_size=96)
+    model, processor = build_model(cfg, verbose=False)
+    batch = CaptionCollator(processor, cfg, 32)([(_image(0), "CT")])
+    assert batch["pixel_values"].shape[-1] == 96
+    assert torch.isfinite(model(**batch).loss)
+    # A pretrained model is re-gridded in place (LAVIS fine-tunes at 364 px from 224).
+    model, _ = build_model(tiny_cfg(), verbose=False)
+    resize_vision_positions(model, 80)
+    assert model.vision_model.embeddings.position_embedding.shape[1] == (80 // 8) ** 2 + 1
+    pixels = torch.randn(1, 3, 80, 80)
+    assert model.vision_model(pixels).last_hidden_state.shape[1] == 101
+    with pytest.raises(ConfigError, match="multiple of the patch size"):
+        resize_vision_positions(model, 81)
