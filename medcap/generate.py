@@ -13,8 +13,9 @@
   trained with.
 * ``medcap caption PATH...``: caption image files or folders (JPEG, PNG, TIFF, DICOM); unreadable
   files are reported and skipped and the rest go on.
-* ``medcap predict --checkpoint RUN --split test``: caption a prepared split and write the
-  ImageCLEFmedical submission (``RUN/predictions/<split>.csv`` and ``.zip``), checked before exit.
+* ``medcap predict --checkpoint RUN --split test``: caption a prepared split (images read with
+  ``data.load_image``, the loader training used) and write the ImageCLEFmedical submission
+  (``RUN/predictions/<split>.csv`` and ``.zip``), checked before exit.
 """
 
 from __future__ import annotations
@@ -748,8 +749,7 @@ def cli_predict(argv: list[str]) -> int:
     (or ``--out``), a zip holding it as ``submission.csv``, and ``<split>.meta.json`` (model, decoding,
     timing), then checks the file as ``medcap check-submission`` would.
     """
-    from medcap.data import DataConfig, read_manifest
-    from medcap.images import ImageReadError, read_image
+    from medcap.data import DataConfig, load_image, read_manifest
     from medcap.submission import check_submission, write_submission, zip_submission
 
     p = argparse.ArgumentParser(
@@ -821,16 +821,16 @@ def cli_predict(argv: list[str]) -> int:
     failed: list[str] = []
     t0 = time.perf_counter()
     with _progress(len(rows), f"predict {args.split}") as bar:
-        for batch in _prefetched(rows, gen.batch_size, lambda r: read_image(r.image, r.id)):
+        # data.load_image, the loader training used, so a split is captioned from the same pixels the
+        # model was trained and validated on (prepare already accepted every image in the manifest).
+        for batch in _prefetched(rows, gen.batch_size, lambda r: load_image(r.image)):
             good = [(r, im) for r, im in batch if not isinstance(im, BaseException)]
             for r, err in batch:
                 if isinstance(err, BaseException):
                     # The submission needs every ID: an unreadable image gets an empty caption.
                     captions[r.id] = ""
                     failed.append(r.id)
-                    bar.write(
-                        f"warning: {err if isinstance(err, ImageReadError) else repr(err)}", file=sys.stderr
-                    )
+                    bar.write(f"warning: {r.id}: {r.image}: {type(err).__name__}: {err}", file=sys.stderr)
             if good:
                 for (r, _), text in zip(good, cap.caption([im for _, im in good], gen), strict=True):
                     captions[r.id] = text
