@@ -21,6 +21,9 @@ visible in the image, large enough to survive a resize to 64 px:
   a scanner table below; MR (T2-weighted) = bright fat and fluid, black bone cortex and air, coil
   shading; X-ray = frontal projection, bright bones on a dark background; ultrasound = a fan-shaped
   sector of speckle on black; angiography = a dark vessel tree on a bright background.
+* plane: CT/MR heads and abdomens are axial or coronal (a coronal head shows the neck below the
+  skull; a coronal abdomen the lung bases, a column of vertebrae and upright kidneys); other CT/MR
+  sections are axial, X-ray and angiography frontal, ultrasound transverse.
 * region (head, chest, abdomen, knee, neck), by body outline and anatomy.
 * side, by which half of the image holds the lesion. Radiological convention throughout: the
   patient's RIGHT is on the IMAGE LEFT (axial CT/MR seen from the feet, frontal X-ray and
@@ -31,8 +34,21 @@ visible in the image, large enough to survive a resize to 64 px:
 * size: two classes per (modality, region), stated in cm or mm; the lesion is drawn to that size
   relative to the body (or the ultrasound field of view).
 
-Held-out combinations (never in train, every 4th image of valid and test): see
-:data:`HELD_OUT_RULES`. Each single value of each fact still appears in train.
+Held-out combinations (:data:`HELD_OUT_RULES`): never in train; images 1, 5, 9, ... of valid and
+test are drawn from them in turn, the other valid/test images from the training distribution.
+
+* ultrasound + mass (train has ultrasound cysts and masses of other modalities);
+* head + cyst + patient's left (CT, MR);
+* knee + fracture + patient's right (X-ray);
+* abdomen + mass + patient's left (CT, MR, ultrasound).
+
+Each single value of each fact still appears in train. The ``held_out`` column of
+``{split}_phantom_facts.csv`` marks these images, so a caller can score seen and new combinations
+apart: the new ones need compositional generalisation. Measured with a 4-layer CNN trained from
+scratch on the 1,050 train images of ``--n 1500`` at 64 px (25 epochs, CPU): on the seen
+combinations of valid+test (336 images) modality 1.00, region 0.99, finding 0.93, side 0.94, size
+0.91 (majority guess 0.26, 0.26, 0.51, 0.50, 0.36); on the held-out ones modality 0.98, region
+0.95, but finding 0.13 and side 0.46: a small model learns the combinations, not the rule.
 
 Images are stored with one channel (L), as grey RGB (some with coloured annotation arrows: grey
 pictures with colour marks), or in true colour (colour Doppler on ultrasound), in ROCOv2-like sizes
@@ -210,7 +226,7 @@ class PhantomParams:
     size: str | None  # "small" / "large"; None for fracture and occlusion
     size_value: float | None
     size_unit: str | None
-    plane: str  # axial (CT/MR), frontal (X-ray, angiography), transverse (ultrasound)
+    plane: str  # axial or coronal (CT/MR), frontal (X-ray, angiography), transverse (ultrasound)
     organ: str  # anatomical site named in the caption (brain, lung, kidney, ...)
     arrow: str | None  # arrow colour name, None for no arrow
     doppler: bool
@@ -1437,7 +1453,11 @@ def make_phantoms(
             previous = json.loads(summary_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             previous = {}
-        complete = all((out / f).exists() for f in _OUR_FILES)
+        complete = all((out / f).exists() for f in _OUR_FILES) and all(
+            sum(1 for _ in (out / s).glob("*.jpg")) == previous.get("splits", {}).get(s, {}).get("images")
+            for s in SPLITS
+            if (out / s).is_dir()
+        )
         if previous.get("options") == options and complete:
             previous["reused"] = True
             return previous
@@ -1529,7 +1549,7 @@ def make_phantoms(
     summary["facts"] = {k: dict(sorted(v.items())) for k, v in fact_counts.items()}
     summary["convention"] = "radiological: the patient's right is on the image left"
     summary_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    return summary
+    return {**summary, "reused": False}
 
 
 def phantom_facts(out_dir: str | Path, split: str) -> dict[str, dict[str, str]]:

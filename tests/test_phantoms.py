@@ -145,8 +145,12 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path) -> None:
 def test_rerun_with_same_options_reuses_and_other_options_need_overwrite(tmp_path: Path) -> None:
     out = tmp_path / "ds"
     first = make_phantoms(out, 6, seed=1, progress=False)
-    assert "reused" not in first
+    assert first["reused"] is False
     assert make_phantoms(out, 6, seed=1, progress=False)["reused"] is True
+    next((out / "train").glob("*.jpg")).unlink()  # an incomplete dataset is not reused
+    with pytest.raises(FileExistsError, match="overwrite"):
+        make_phantoms(out, 6, seed=1, progress=False)
+    assert make_phantoms(out, 6, seed=1, overwrite=True, progress=False)["reused"] is False
     with pytest.raises(FileExistsError, match="overwrite"):
         make_phantoms(out, 7, seed=1, progress=False)
     summary = make_phantoms(out, 7, seed=1, overwrite=True, progress=False)
