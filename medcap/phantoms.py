@@ -940,9 +940,10 @@ def _draw_xray(p: PhantomParams, c: _Canvas, rng: np.random.Generator) -> _Drawn
     c.img[:] = 0.05
     tex = _smooth_noise(rng, c.h, c.w, 14)
     if p.region == "chest":
-        c.add(0.36, 0, 0.25, 0.95, 1.05)  # trunk
+        c.add(0.36, 0, 0.3, 0.92, 1.1)  # trunk
         c.add(0.2, 0, -0.95, 0.22, 0.3)  # neck
         for sx in (-1, 1):
+            c.add(0.14, sx * 0.66, -0.6, 0.38, 0.2, theta=sx * 0.35)  # shoulders
             c.add(0.22, sx * 0.86, -0.68, 0.17, 0.14)  # humeral heads
             c.add(-0.22, sx * 0.37, -0.06, 0.27, 0.56, theta=-sx * 0.08)  # lung fields
             ribs = [  # posterior ribs: arcs across each lung
@@ -1310,7 +1311,8 @@ def render_phantom(
                 lesion_px[0] + math.cos(direction) * (lesion_r_px + 4),
                 lesion_px[1] + math.sin(direction) * (lesion_r_px + 4),
             )
-            _draw_arrow(draw, tip, direction, 0.13 * min(p.width, p.height), _ARROW_RGB[p.arrow])
+            length = float(rng.uniform(0.1, 0.16)) * min(p.width, p.height)
+            _draw_arrow(draw, tip, direction, length, _ARROW_RGB[p.arrow])
     if p.stored_mode == "L":
         im = im.convert("L")
     elif im.mode != "RGB":
