@@ -1572,6 +1572,54 @@ def phantom_facts(out_dir: str | Path, split: str) -> dict[str, dict[str, str]]:
         return {row["ID"]: {k: v for k, v in row.items() if k != "ID"} for row in reader}
 
 
+SCORED_FACTS = ("modality", "region", "side", "finding")
+
+
+def fact_accuracy(
+    predictions: dict[str, str],
+    truth: dict[str, dict[str, str]],
+    facts: tuple[str, ...] = SCORED_FACTS,
+    held_out: bool | None = None,
+) -> dict[str, float]:
+    """How often generated captions state each fact of their phantom correctly.
+
+    Args:
+        predictions: image ID -> generated caption (IDs missing here count as wrong).
+        truth: :func:`phantom_facts` of the split.
+        facts: which facts to score (any of modality, plane, region, finding, side, size).
+        held_out: None scores every image; True only held-out combinations; False only the others.
+
+    Returns:
+        ``{"n": images scored, <fact>: accuracy, ..., "all": share with every scored fact right}``;
+        accuracies are 0.0 when no image is scored. A fact the caption does not state (or states
+        ambiguously) is wrong. Facts that an image does not have (the size of a fracture) are
+        skipped for that image.
+    """
+    unknown = [f for f in facts if f not in ("modality", "plane", "region", "finding", "side", "size")]
+    if unknown:
+        raise ValueError(f"fact_accuracy: unknown facts {unknown}")
+    rows = {i: t for i, t in truth.items() if held_out is None or (t.get("held_out") == "1") == held_out}
+    right = Counter()
+    counted = Counter()
+    all_right = 0
+    for image_id, t in rows.items():
+        parsed = caption_facts(predictions.get(image_id, ""))
+        ok_all = True
+        for f in facts:
+            if not t.get(f):
+                continue
+            counted[f] += 1
+            ok = parsed[f] == t[f]
+            right[f] += ok
+            ok_all &= ok
+        all_right += ok_all
+    result: dict[str, float] = {"n": float(len(rows))}
+    for f in facts:
+        result[f] = right[f] / counted[f] if counted[f] else 0.0
+    result["all"] = all_right / len(rows) if rows else 0.0
+    return result
+
+
 def _parse_pair(text: str, kind: type, name: str, count: int) -> tuple:
     try:
         parts = tuple(kind(v) for v in text.split(","))

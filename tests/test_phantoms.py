@@ -27,6 +27,7 @@ from medcap.phantoms import (
     caption_facts,
     cli,
     compose_caption,
+    fact_accuracy,
     is_held_out,
     make_phantoms,
     phantom_facts,
@@ -450,3 +451,29 @@ def test_cli_writes_the_dataset_and_rejects_bad_options(
 def test_phantom_facts_names_a_missing_sidecar(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="train_phantom_facts.csv"):
         phantom_facts(tmp_path, "train")
+
+
+def test_fact_accuracy_scores_generated_captions(dataset: Path) -> None:
+    truth = phantom_facts(dataset, "valid")
+    refs = {r["ID"]: r["Caption"] for r in _rows(dataset / "valid_captions.csv")}
+    perfect = fact_accuracy(refs, truth)
+    assert perfect == {
+        "n": len(truth),
+        "modality": 1.0,
+        "region": 1.0,
+        "side": 1.0,
+        "finding": 1.0,
+        "all": 1.0,
+    }
+    assert fact_accuracy({}, truth)["all"] == 0.0
+    flipped = {
+        i: c.replace("left", "tmp").replace("right", "left").replace("tmp", "right") for i, c in refs.items()
+    }
+    scores = fact_accuracy(flipped, truth, facts=("modality", "side", "size"))
+    assert scores["modality"] == 1.0 and scores["side"] == 0.0 and scores["all"] == 0.0
+    assert scores["size"] == 1.0
+    held = fact_accuracy(refs, truth, held_out=True)
+    seen = fact_accuracy(refs, truth, held_out=False)
+    assert held["n"] + seen["n"] == len(truth) and held["n"] > 0 and seen["n"] > 0
+    with pytest.raises(ValueError, match="unknown facts"):
+        fact_accuracy(refs, truth, facts=("colour",))
