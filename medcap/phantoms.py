@@ -80,7 +80,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 SPLITS = ("train", "valid", "test")
-GENERATOR_VERSION = 2  # bump when the drawing or the captions change, so cached datasets are rebuilt
+GENERATOR_VERSION = 3  # bump when the drawing or the captions change, so cached datasets are rebuilt
 
 MODALITIES = ("ct", "mri", "xray", "ultrasound", "angiography")
 REGIONS = ("head", "chest", "abdomen", "knee", "neck")
@@ -960,7 +960,7 @@ def _draw_xray(p: PhantomParams, c: _Canvas, rng: np.random.Generator) -> _Drawn
         c.img += 0.2 * c.line_mask([(0, -1.2), (0, 1.2)], width=0.13)  # spine
         r = _lesion_radius(p, 1.9)
         x0, y0 = sg * float(rng.uniform(0.38, 0.48)), float(rng.uniform(-0.38, 0.0))
-        c.add(0.32, x0, y0, r, r * 0.95, lobes=_lobes(rng, 0.1))
+        c.add(0.4, x0, y0, r, r * 0.95, lobes=_lobes(rng, 0.1))
         drawn = _Drawn((x0, y0), r, [])
     else:  # both knees, AP
         drawn = _Drawn((0, 0), 0, [])
@@ -1056,7 +1056,10 @@ def _draw_ultrasound(p: PhantomParams, c: _Canvas, rng: np.random.Generator) -> 
         c.paint(0.9, x0, y0, r_les * 1.1, r_les * 1.05)  # thin bright wall
         c.paint(0.02, x0, y0, r_les, r_les * 0.95)
     else:
-        c.paint(0.95, x0, y0, r_les, r_les * 0.95, lobes=_lobes(rng, 0.14))
+        # Hyperechoic solid nodule with the hypoechoic halo typical of thyroid and liver nodules
+        lobes = _lobes(rng, 0.14)
+        c.paint(0.08, x0, y0, r_les * 1.2, r_les * 1.15, lobes=lobes)
+        c.paint(0.95, x0, y0, r_les, r_les * 0.95, lobes=lobes)
     # Speckle: multiplicative, Rayleigh distributed (the magnitude of a complex Gaussian), slightly
     # correlated like a real beam's point-spread function.
     re_, im_ = rng.standard_normal((2, *echo.shape), dtype=np.float32)
