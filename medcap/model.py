@@ -175,6 +175,10 @@ class ModelConfig:
     full_finetune: bool = False
 
     def __post_init__(self) -> None:
+        if "<image>" in self.prompt:
+            raise ConfigError(
+                "model.prompt must not contain '<image>': the processor inserts the image tokens"
+            )
         if not self.name_or_path.strip():
             raise ConfigError("model.name_or_path: empty; give a hub id, a local folder or 'tiny'")
         if self.image_size is not None and self.image_size < 16:
@@ -911,8 +915,11 @@ class CaptionCollator:
         return self.processor(images=images, text=[self.cfg.prompt] * len(images), return_tensors="pt")
 
     def _caption_ids(self, caption: str) -> list[int]:
-        ids = self.tokenizer(caption, add_special_tokens=False)["input_ids"]
-        return [i for i in ids if i != self.image_token_id]
+        if not isinstance(caption, str):
+            raise TypeError(f"CaptionCollator: a caption must be a string, got {type(caption).__name__}")
+        # split_special_tokens: a caption that happens to contain "<image>" or "</s>" is text, not
+        # an image slot (which would break the image scatter) or an early end.
+        return self.tokenizer(caption, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
     def __call__(self, batch: list[tuple[Image.Image, str]]) -> dict[str, torch.Tensor]:
         if not batch:
@@ -951,16 +958,16 @@ class CaptionCollator:
                 "attention_mask": attention,
                 "labels": labels,
             }
-        # Encoder-decoder: the tokenizer appends </s> to each caption (T5 style).
+        # Encoder-decoder: the labels are the caption and its EOS; T5 shifts them right itself to
+        # make the decoder inputs (-100 becomes the pad / decoder start token).
         label_rows = []
         for cap in captions:
-            ids = self.tokenizer(cap)["input_ids"]
-            ids = [i for i in ids if i != self.image_token_id]
-            if ids and ids[-1] != self.eos_id:
-                ids.append(self.eos_id)
-            if len(ids) > self.max_length:
+            ids = self._caption_ids(cap)
+            if len(ids) + 1 > self.max_length:
                 ids = ids[: self.max_length]
                 self.truncated += 1
+            else:
+                ids = ids + [self.eos_id]
             label_rows.append(ids)
         width = max(len(r) for r in label_rows)
         labels = torch.full((len(label_rows), width), -100, dtype=torch.long)
@@ -1113,20 +1120,56 @@ def _atomic_save(save_file, tensors: dict[str, torch.Tensor], path: Path) -> Non
     tmp.replace(path)
 
 
+def _copy_into(model, path: Path) -> None:
+    """Copy the tensors of a safetensors file into the parameters of the same (plain) names."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    params = {_plain_name(n): p for n, p in model.named_parameters()}
+    missing = [k for k in state if k not in params]
+    if missing:
+        raise ValueError(
+            f"{path}: parameters this model does not have: {missing[:5]}; was the checkpoint written "
+            "for another model config?"
+        )
+    with torch.no_grad():
+        for k, v in state.items():
+            if params[k].shape != v.shape:
+                raise ValueError(
+                    f"{path}: {k} has shape {tuple(v.shape)}, the model {tuple(params[k].shape)}"
+                )
+            params[k].copy_(v.to(params[k].dtype))
+
+
 def load_trainable(model, directory: str | Path) -> None:
-    """Load ``adapter/`` and ``trainable.safetensors`` from ``directory`` into a built model."""
+    """Load a checkpoint's model files into a model built from the same config (resume, inference).
+
+    Order: random-init base weights (``base.safetensors``, or a ``base_fingerprint.txt`` check), the
+    PEFT adapter (``adapter/``), then the other trained parameters (``trainable.safetensors``).
+    """
     from peft import PeftModel, set_peft_model_state_dict
     from safetensors.torch import load_file
 
     directory = Path(directory)
+    if (directory / "base.safetensors").is_file():
+        _copy_into(model, directory / "base.safetensors")
+    fingerprint = directory / "base_fingerprint.txt"
+    if fingerprint.is_file():
+        want = fingerprint.read_text(encoding="utf-8").strip()
+        got = _fingerprint(model)
+        if want != got:
+            raise ValueError(
+                f"{fingerprint}: the rebuilt random base differs from the trained one ({got} != {want}); "
+                "the init code, init_seed or torch version changed, so this adapter was trained on other weights"
+            )
     adapter = directory / "adapter"
     if adapter.is_dir():
         if not isinstance(model, PeftModel):
             raise ValueError(
                 f"{adapter} holds a PEFT adapter but the model config builds none (peft.method none)"
             )
-        weights = next((adapter / n for n in ("adapter_model.safetensors", "adapter_model.bin")), None)
-        if weights is None or not weights.exists():
+        weights = adapter / "adapter_model.safetensors"
+        if not weights.is_file():
             raise FileNotFoundError(f"{adapter}: no adapter_model.safetensors")
         result = set_peft_model_state_dict(model, load_file(str(weights)))
         unexpected = getattr(result, "unexpected_keys", [])
@@ -1136,60 +1179,31 @@ def load_trainable(model, directory: str | Path) -> None:
         raise FileNotFoundError(
             f"{directory}: the config builds a PEFT adapter but there is no adapter/ folder"
         )
-    path = directory / "trainable.safetensors"
-    if path.is_file():
-        state = load_file(str(path))
-        params = {_plain_name(n): p for n, p in model.named_parameters()}
-        missing = [k for k in state if k not in params]
-        if missing:
-            raise ValueError(f"{path}: parameters this model does not have: {missing[:5]}")
-        with torch.no_grad():
-            for k, v in state.items():
-                params[k].copy_(v.to(params[k].dtype))
+    if (directory / "trainable.safetensors").is_file():
+        _copy_into(model, directory / "trainable.safetensors")
 
 
 def load_checkpoint(directory: str | Path, verbose: bool = False):
     """Rebuild a trained model from a checkpoint folder: ``(model, processor, run_cfg_dict)``.
 
     Reads ``config.yaml`` (the run config; its ``model`` section is a ``ModelConfig``), builds the base
-    model, restores random-init base weights (``base.safetensors``) if there are any, then loads the
-    adapter and the other trained parameters. The model is in eval mode.
+    model from it, then ``load_trainable``. The model is in eval mode.
     """
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     cfg_path = directory / "config.yaml"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{directory} is not a medcap checkpoint: no config.yaml")
-    run_cfg = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
-    if "model" not in run_cfg:
+    try:
+        run_cfg = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{cfg_path}: not valid YAML: {e}") from None
+    if not isinstance(run_cfg, dict) or "model" not in run_cfg:
         raise ConfigError(f"{cfg_path}: no 'model' section")
     try:
         model_cfg = from_dict(ModelConfig, run_cfg["model"])
     except ConfigError as e:
         raise ConfigError(f"{cfg_path}: model: {e}") from None
     model, processor = build_model(model_cfg, verbose=verbose)
-    base = directory / "base.safetensors"
-    if base.is_file():
-        inner = _unwrap(model)
-        state = load_file(str(base))
-        params = {_plain_name(n): p for n, p in inner.named_parameters()}
-        missing = [k for k in state if k not in params]
-        if missing:
-            raise ValueError(f"{base}: parameters this model does not have: {missing[:5]}")
-        with torch.no_grad():
-            for k, v in state.items():
-                params[k].copy_(v.to(params[k].dtype))
-        inner.tie_weights()
-    fp = directory / "base_fingerprint.txt"
-    if fp.is_file():
-        want = fp.read_text(encoding="utf-8").strip()
-        got = _fingerprint(model)
-        if want != got:
-            raise ValueError(
-                f"{fp}: the rebuilt random base differs from the trained one ({got} != {want}); "
-                "the init code or torch version changed, so this adapter was trained on other weights"
-            )
     load_trainable(model, directory)
     model.eval()
     return model, processor, run_cfg

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
@@ -445,3 +446,57 @@ def test_image_size_override():
     assert model.vision_model(pixels).last_hidden_state.shape[1] == 101
     with pytest.raises(ConfigError, match="multiple of the patch size"):
         resize_vision_positions(model, 81)
+
+
+def test_collator_truncates_without_eos_and_keeps_special_text_as_text():
+    cfg = tiny_cfg()
+    model, processor = build_model(cfg, verbose=False)
+    tok = processor.tokenizer
+    collate = CaptionCollator(processor, cfg, max_length=16)  # 8 image tokens + <s> + 7 caption tokens
+    long_caption = "axial computed tomography of the abdomen showing a large hypodense lesion in the liver"
+    batch = collate([(_image(0), long_caption), (_image(1), "MRI")])
+    assert batch["input_ids"].shape[1] == 16
+    assert collate.truncated == 1
+    # The cut caption did not end there: no EOS to learn from it; the short one has its EOS.
+    assert tok.eos_token_id not in batch["labels"][0].tolist()
+    assert tok.eos_token_id in batch["labels"][1].tolist()
+    assert torch.isfinite(model(**batch).loss)
+    # "<image>" and "</s>" written in a caption are text: still exactly 8 image tokens, one EOS.
+    batch = CaptionCollator(processor, cfg, max_length=64)([(_image(1), "see <image> and </s> here")])
+    assert (batch["input_ids"][0] == model.config.image_token_index).sum() == 8
+    assert (batch["labels"][0] == tok.eos_token_id).sum() == 1
+    assert torch.isfinite(model(**batch).loss)
+    with pytest.raises(ValueError, match="raise max_length"):
+        CaptionCollator(processor, cfg, max_length=9)
+
+
+def test_random_base_fingerprint_catches_a_different_init(tmp_path, monkeypatch):
+    import medcap.model as model_module
+
+    monkeypatch.setattr(model_module, "BASE_WEIGHTS_LIMIT", 0)  # behave like a full-size random model
+    cfg = tiny_cfg(peft=PeftSettings(targets="lm-qv", r=4))
+    model, _ = build_model(cfg, verbose=False)
+    written = save_trainable(model, tmp_path)
+    assert "base_fingerprint.txt" in written and "base.safetensors" not in written
+    _write_run_config(tmp_path, cfg)
+    load_checkpoint(tmp_path)  # same seed, same machine: the same base
+    _write_run_config(tmp_path, dataclasses.replace(cfg, init_seed=1))
+    with pytest.raises(ValueError, match="differs from the trained one"):
+        load_checkpoint(tmp_path)
+
+
+def test_model_config_from_yaml_and_overrides(tmp_path):
+    from medcap.config import load_config
+
+    path = tmp_path / "model.yaml"
+    path.write_text(
+        "name_or_path: tiny\nprecision: bf16\npeft:\n  method: dora\n  targets: lm-all+qformer-attn\n"
+    )
+    cfg = load_config(ModelConfig, path, ["--peft.r", "8", "--prompt", "a radiograph of "])
+    assert cfg.peft.r == 8 and cfg.peft.method == "dora" and cfg.prompt == "a radiograph of "
+    assert resolve_family(cfg) == "blip2-opt"
+    assert resolve_family(ModelConfig(name_or_path="Salesforce/blip2-flan-t5-xl")) == "blip2-t5"
+    with pytest.raises(ConfigError, match="peft.targets"):
+        load_config(ModelConfig, path, ["--peft.targets", "lm-al"])
+    with pytest.raises(ConfigError, match="quantization"):
+        load_config(ModelConfig, path, ["--quantization", "3bit"])
