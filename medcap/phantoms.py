@@ -237,9 +237,49 @@ class PhantomParams:
     wording: int  # which descriptor / region wording
 
 
-def is_held_out(facts: dict[str, Any]) -> bool:
-    """True when ``facts`` (modality, region, finding, side ...) match one of :data:`HELD_OUT_RULES`."""
-    return any(all(facts.get(k) == v for k, v in rule.items()) for rule in HELD_OUT_RULES)
+def _matches(facts: dict[str, Any], rule: dict[str, str]) -> bool:
+    return all(facts.get(k) == v for k, v in rule.items())
+
+
+def is_held_out(facts: dict[str, Any], rules: tuple[dict[str, str], ...] = HELD_OUT_RULES) -> bool:
+    """True when ``facts`` (modality, region, finding, side ...) match one of ``rules``
+    (default :data:`HELD_OUT_RULES`)."""
+    return any(_matches(facts, rule) for rule in rules)
+
+
+def _check_modalities(modalities: tuple[str, ...] | None) -> tuple[str, ...]:
+    if modalities is None:
+        return MODALITIES
+    unknown = [m for m in modalities if m not in DESIGN]
+    if unknown or not modalities:
+        raise PhantomOptionError(
+            f"modalities must be a non-empty subset of {', '.join(MODALITIES)}; got {', '.join(modalities) or 'none'}"
+        )
+    return tuple(m for m in MODALITIES if m in modalities)  # canonical order
+
+
+def held_out_rules(modalities: tuple[str, ...] | None = None) -> tuple[dict[str, str], ...]:
+    """The :data:`HELD_OUT_RULES` that apply to a dataset of these modalities: those that match
+    some image of the design and leave every value of every fact in train (with all five
+    modalities, all four)."""
+    mods = _check_modalities(modalities)
+    combos = [
+        {"modality": m, "region": r, "finding": f, "side": side}
+        for m in mods
+        for r, findings in DESIGN[m].items()
+        for f in findings
+        for side in SIDES
+    ]
+    values = {k: {c[k] for c in combos} for k in ("modality", "region", "finding", "side")}
+    active: list[dict[str, str]] = []
+    for rule in HELD_OUT_RULES:
+        rules = (*active, rule)
+        train = [c for c in combos if not is_held_out(c, rules)]
+        if any(_matches(c, rule) for c in combos) and all(
+            {c[k] for c in train} == v for k, v in values.items()
+        ):
+            active.append(rule)
+    return tuple(active)
 
 
 def _organ(modality: str, region: str, finding: str) -> str:
@@ -280,8 +320,8 @@ def _size_fields(modality: str, region: str, finding: str, size_class: str) -> d
     return {"size": size_class, "size_value": small if size_class == "small" else large, "size_unit": unit}
 
 
-def _sample_facts(rng: np.random.Generator) -> dict[str, str]:
-    mods = list(MODALITY_WEIGHTS)
+def _sample_facts(rng: np.random.Generator, modalities: tuple[str, ...]) -> dict[str, str]:
+    mods = list(modalities)
     p = np.array([MODALITY_WEIGHTS[m] for m in mods])
     modality = mods[int(rng.choice(len(mods), p=p / p.sum()))]
     regions = list(DESIGN[modality])
@@ -293,15 +333,19 @@ def _sample_facts(rng: np.random.Generator) -> dict[str, str]:
 
 
 def _sample_params(
-    rng: np.random.Generator, held_out_rule: dict[str, str] | None, size_range: tuple[int, int]
+    rng: np.random.Generator,
+    held_out_rule: dict[str, str] | None,
+    size_range: tuple[int, int],
+    modalities: tuple[str, ...] = MODALITIES,
+    rules: tuple[dict[str, str], ...] = HELD_OUT_RULES,
 ) -> PhantomParams:
     """Draw one image's parameters. ``held_out_rule``: None for a training-distribution image
-    (never held-out), else a rule the image must match."""
+    (matching none of ``rules``), else a rule the image must match."""
     for _ in range(10_000):
-        facts = _sample_facts(rng)
-        if held_out_rule is None and not is_held_out(facts):
+        facts = _sample_facts(rng, modalities)
+        if held_out_rule is None and not is_held_out(facts, rules):
             break
-        if held_out_rule is not None and all(facts.get(k) == v for k, v in held_out_rule.items()):
+        if held_out_rule is not None and _matches(facts, held_out_rule):
             break
     else:  # pragma: no cover - the rules are all satisfiable; this guards a bad edit of DESIGN
         raise RuntimeError(f"cannot sample a phantom matching {held_out_rule}")
@@ -1356,7 +1400,12 @@ def _split_counts(n: int, splits: tuple[float, float, float]) -> dict[str, int]:
 
 
 def _options(
-    n: int, seed: int, size_range: tuple[int, int], splits: tuple[float, float, float], blank: bool
+    n: int,
+    seed: int,
+    size_range: tuple[int, int],
+    splits: tuple[float, float, float],
+    blank: bool,
+    modalities: tuple[str, ...],
 ) -> dict:
     return {
         "generator_version": GENERATOR_VERSION,
@@ -1365,6 +1414,7 @@ def _options(
         "size_range": list(size_range),
         "splits": list(splits),
         "blank": blank,
+        "modalities": list(modalities),
     }
 
 
@@ -1374,13 +1424,16 @@ def plan_phantoms(
     *,
     size_range: tuple[int, int] = (500, 1000),
     splits: tuple[float, float, float] = (0.7, 0.15, 0.15),
+    modalities: tuple[str, ...] | None = None,
 ) -> dict[str, list[tuple[str, PhantomParams]]]:
     """The (image ID, parameters) of every phantom :func:`make_phantoms` would draw, per split,
     without drawing anything (cheap: used by tests and to inspect a dataset's design).
 
-    Train never holds a :data:`HELD_OUT_RULES` combination; in valid and test every
-    :data:`HELD_OUT_EVERY`-th image (the 1st, 5th, ...) is drawn from one, the rules in turn, and
-    the others from the training distribution."""
+    Train never holds a held-out combination (:func:`held_out_rules` of the modalities); in valid
+    and test every :data:`HELD_OUT_EVERY`-th image (the 1st, 5th, ...) is drawn from one, the
+    rules in turn, and the others from the training distribution."""
+    mods = _check_modalities(modalities)
+    rules = held_out_rules(mods)
     counts = _split_counts(n, tuple(splits))  # type: ignore[arg-type]
     plan: dict[str, list[tuple[str, PhantomParams]]] = {}
     for split_index, split in enumerate(SPLITS):
@@ -1388,9 +1441,10 @@ def plan_phantoms(
         for i in range(counts[split]):
             rng = np.random.default_rng([seed, split_index, i, 0])
             rule = None
-            if split != "train" and i % HELD_OUT_EVERY == 0:
-                rule = HELD_OUT_RULES[(i // HELD_OUT_EVERY) % len(HELD_OUT_RULES)]
-            rows.append((f"ROCOv2_2023_{split}_{i + 1:06d}", _sample_params(rng, rule, size_range)))
+            if split != "train" and i % HELD_OUT_EVERY == 0 and rules:
+                rule = rules[(i // HELD_OUT_EVERY) % len(rules)]
+            params = _sample_params(rng, rule, size_range, mods, rules)
+            rows.append((f"ROCOv2_2023_{split}_{i + 1:06d}", params))
         plan[split] = rows
     return plan
 
@@ -1422,6 +1476,7 @@ def make_phantoms(
     size_range: tuple[int, int] = (500, 1000),
     splits: tuple[float, float, float] = (0.7, 0.15, 0.15),
     blank: bool = False,
+    modalities: tuple[str, ...] | None = None,
     overwrite: bool = False,
     workers: int = 1,
     progress: bool = True,
@@ -1435,6 +1490,8 @@ def make_phantoms(
         size_range: (min, max) pixels of each side; aspects stay within 0.7-1.45.
         splits: fractions for train, valid, test (normalised).
         blank: draw uninformative flat images with the same captions, sizes and stored modes.
+        modalities: draw only these (e.g. ``("ct", "xray")`` for an easier dataset); None = all
+            five. The held-out rules that still apply are :func:`held_out_rules` of them.
         overwrite: replace an existing phantom dataset in ``out`` made with other options.
         workers: processes that draw (0 = one per CPU core); the output does not depend on it.
         progress: show a tqdm progress bar.
@@ -1451,7 +1508,9 @@ def make_phantoms(
     lo, hi = size_range
     if not (16 <= lo <= hi):
         raise PhantomOptionError(f"size_range must be (min, max) with 16 <= min <= max, got {size_range}")
-    options = _options(n, seed, (lo, hi), tuple(float(s) for s in splits), blank)  # type: ignore[arg-type]
+    mods = _check_modalities(modalities)
+    rules = held_out_rules(mods)
+    options = _options(n, seed, (lo, hi), tuple(float(s) for s in splits), blank, mods)  # type: ignore[arg-type]
     summary_path = out / "phantoms.json"
     if summary_path.exists():
         try:
@@ -1487,12 +1546,12 @@ def make_phantoms(
         "options": options,
         "splits": {},
         "facts": {},
-        "held_out_rules": list(HELD_OUT_RULES),
+        "held_out_rules": list(rules),
     }
     fact_counts: dict[str, Counter] = {
         k: Counter() for k in ("modality", "region", "finding", "side", "size")
     }
-    plan = plan_phantoms(n, seed, size_range=(lo, hi), splits=splits)
+    plan = plan_phantoms(n, seed, size_range=(lo, hi), splits=splits, modalities=mods)
     for split in SPLITS:
         (out / split).mkdir(exist_ok=True)
     jobs = [
@@ -1519,7 +1578,7 @@ def make_phantoms(
             caption = compose_caption(p)
             true_color = p.doppler and not blank
             color_marks = p.arrow not in (None, "white") and not blank
-            held = is_held_out(asdict(p))
+            held = is_held_out(asdict(p), rules)
             cap_rows.append([image_id, caption])
             organ_cui = ORGAN_CUI.get(p.organ)
             cuis = [MODALITY_CUI[p.modality], REGION_CUI[p.region], FINDING_CUI[p.finding], SIDE_CUI[p.side]]
@@ -1657,6 +1716,12 @@ def cli(argv: list[str]) -> int:
         help="train,valid,test fractions (default 0.7,0.15,0.15)",
     )
     ap.add_argument("--blank", action="store_true", help="uninformative flat images with the same captions")
+    ap.add_argument(
+        "--modalities",
+        type=lambda text: tuple(m.strip() for m in text.split(",") if m.strip()),
+        default=None,
+        help=f"comma-separated subset of {','.join(MODALITIES)} (default: all)",
+    )
     ap.add_argument("--overwrite", action="store_true", help="replace a phantom dataset already in --out")
     ap.add_argument("--workers", type=int, default=1, help="drawing processes (0 = one per CPU core)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -1669,6 +1734,7 @@ def cli(argv: list[str]) -> int:
             size_range=args.size_range,
             splits=args.splits,
             blank=args.blank,
+            modalities=args.modalities,
             overwrite=args.overwrite,
             workers=args.workers,
             progress=not args.quiet,

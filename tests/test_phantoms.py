@@ -477,3 +477,33 @@ def test_fact_accuracy_scores_generated_captions(dataset: Path) -> None:
     assert held["n"] + seen["n"] == len(truth) and held["n"] > 0 and seen["n"] > 0
     with pytest.raises(ValueError, match="unknown facts"):
         fact_accuracy(refs, truth, facts=("colour",))
+
+
+def test_modality_subsets_keep_only_rules_that_leave_every_value_in_train(tmp_path: Path) -> None:
+    assert phantoms.held_out_rules() == HELD_OUT_RULES
+    us = phantoms.held_out_rules(("ultrasound",))
+    assert {"modality": "ultrasound", "finding": "mass"} not in us  # it would remove "mass" from train
+    assert {"region": "abdomen", "finding": "mass", "side": "left"} in us
+    for mods in [("ct", "xray"), ("angiography",), ("ultrasound",), ("mri", "ultrasound")]:
+        rules = phantoms.held_out_rules(mods)
+        plan = plan_phantoms(400, seed=3, modalities=mods)
+        train = [p.__dict__ for _, p in plan["train"]]
+        assert {f["modality"] for f in train} == set(mods)
+        assert not any(is_held_out(f, rules) for f in train)
+        everything = [p.__dict__ for split in SPLITS for _, p in plan[split]]
+        for k in ("modality", "region", "finding", "side"):
+            assert {f[k] for f in train} == {f[k] for f in everything}, (mods, k)
+        if rules:
+            assert any(is_held_out(p.__dict__, rules) for _, p in plan["test"])
+    out = tmp_path / "ds"
+    summary = make_phantoms(out, 12, seed=1, modalities=("xray", "ct"), progress=False)
+    assert summary["options"]["modalities"] == ["ct", "xray"]
+    assert set(summary["facts"]["modality"]) <= {"ct", "xray"}
+    truth = {**phantom_facts(out, "valid"), **phantom_facts(out, "test")}
+    rules = phantoms.held_out_rules(("ct", "xray"))
+    assert all((t["held_out"] == "1") == is_held_out(t, rules) for t in truth.values())
+    with pytest.raises(phantoms.PhantomOptionError, match="subset of"):
+        make_phantoms(tmp_path / "bad", 5, modalities=("pet",), progress=False)
+    assert cli(["--out", str(tmp_path / "c"), "--n", "4", "--modalities", "angiography", "--quiet"]) == 0
+    assert {t["modality"] for t in phantom_facts(tmp_path / "c", "train").values()} == {"angiography"}
+    assert cli(["--out", str(tmp_path / "d"), "--n", "4", "--modalities", "ct,pet", "--quiet"]) == 2
