@@ -692,8 +692,8 @@ def _lobes(rng: np.random.Generator, amount: float = 0.12) -> tuple[float, ...]:
 
 @dataclass
 class _Drawn:
-    """What the anatomy drawer hands back: the lesion position (body units) and the vessels
-    (work pixels, radius) that a Doppler overlay may colour."""
+    """What an anatomy drawer hands back: the lesion centre and radius, and the vessels that a
+    colour Doppler overlay may fill (all in body units)."""
 
     lesion: tuple[float, float]
     lesion_r: float
@@ -1695,7 +1695,9 @@ def _parse_pair(text: str, kind: type, name: str, count: int) -> tuple:
 
 
 def cli(argv: list[str]) -> int:
-    """``medcap data phantoms --out DIR --n N --seed S [--size-range 500,1000] [--splits 0.7,0.15,0.15]``."""
+    """``medcap data phantoms --out DIR --n N --seed S [--size-range 500,1000] [--splits 0.7,0.15,0.15]
+    [--modalities ct,xray] [--blank] [--workers N] [--overwrite] [--quiet]``; returns the exit code
+    (2 for a bad option or an occupied --out)."""
     ap = argparse.ArgumentParser(
         prog="medcap data phantoms",
         description="Write a synthetic radiology-like dataset (images, captions, concepts) in the ROCOv2 layout.",
