@@ -294,7 +294,22 @@ def model_card(
     lines = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(), "---", ""]
     lines += [f"# {name}", ""]
     label = {"lora": "LoRA", "dora": "DoRA", "rslora": "rsLoRA", "ia3": "(IA)3"}.get(method, method)
-    what = f"a BLIP-2 model ({base})" + (f" fine-tuned with {label}" if method != "none" else " fine-tuned")
+    trained = [
+        part
+        for part, flag in (
+            ("the Q-Former", "train_qformer"),
+            ("the vision tower", "train_vision"),
+            ("the language projection", "train_language_projection"),
+        )
+        if model_cfg.get(flag)
+    ]
+    if model_cfg.get("full_finetune"):
+        how = " fully fine-tuned"
+    else:
+        how = f" fine-tuned with {label}" if method != "none" else " fine-tuned"
+        if trained:
+            how += (" and" if method != "none" else ":") + " " + ", ".join(trained) + " trained"
+    what = f"a BLIP-2 model ({base})" + how
     lines += [f"Radiology image captioning: {what}, exported by medcap {medcap.__version__}."]
     if detected == "phantom":
         lines += [
@@ -545,5 +560,6 @@ def cli(argv: list[str]) -> int:
         print(f"medcap export: {e}", file=sys.stderr)
         return 2
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    print(f"exported to {out} ({'merged' if args.merge else 'base + adapter'}): {', '.join(files)}")
+    kind = "base + adapter" if (out / "adapter_config.json").is_file() else "full model, plain transformers"
+    print(f"exported to {out} ({kind}): {', '.join(files)}")
     return 0
