@@ -437,6 +437,10 @@ def load_captioner(
                 )
                 if not model:
                     raise ValueError(f"{adapter_dir}/adapter_config.json names no base model; pass --model")
+                # `medcap export` ships a base that cannot be downloaded (tiny, random-init) in
+                # ADAPTER/base and names it relatively: resolve it against the adapter, not the cwd.
+                if not Path(model).is_absolute() and (adapter_dir / model / "config.json").is_file():
+                    model = str(adapter_dir / model)
         if model is None:
             raise ValueError("give --model NAME_OR_PATH (or 'tiny'), or --checkpoint DIR")
         with _quiet_logger("medcap.model"):

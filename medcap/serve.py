@@ -946,20 +946,12 @@ def load_for_serving(
     Loading is ``medcap.generate.load_captioner``; for exports, the prompt and decoding defaults
     come from the ``medcap_config.yaml`` that ``medcap export`` writes.
     """
-    import json
 
     from medcap.generate import load_captioner
 
     if checkpoint is not None:
         cap = load_captioner(checkpoint=checkpoint, device=device, verbose=True)
         return cap.model, cap.processor, cap.gen, cap.prompt, {**cap.info, "config": cap.run_cfg}
-    if adapter is not None and model is None:
-        config = Path(adapter) / "adapter_config.json"
-        if config.is_file():
-            named = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path") or ""
-            # An export of a non-downloadable base ships it in ADAPTER/base and names it relatively.
-            if named and not Path(named).is_absolute() and (Path(adapter) / named / "config.json").is_file():
-                model = str(Path(adapter) / named)
     run_cfg, cfg_path = _medcap_config_near(adapter, model if model and Path(model).is_dir() else None)
     prompt = (run_cfg.get("model") or {}).get("prompt", "") or ""
     cap = load_captioner(model=model, adapter=adapter, device=device, prompt=prompt, verbose=True)
