@@ -1,0 +1,203 @@
+"""Does the training data path keep up with the GPU? And how much padding does bucketing save?
+
+    .venv/bin/python benchmarks/bench_dataloader.py [--images 96] [--workers 2] [--batch-size 8]
+
+1. Images per second of the training data path exactly as ``fit()`` runs it: ``train.CaptionDataset``
+   (decode the JPEG, ``data.load_image``) in DataLoader worker processes, ``CaptionCollator`` (the
+   processor resizes to 224 and normalises; tokens, labels) over length-bucketed batches
+   (``train.epoch_batches``), on phantom JPEGs of ROCOv2-like sizes (500-1000 px a side). A second
+   run decodes with Pillow's JPEG draft mode (the decoder scales by 1/2, 1/4 or 1/8 while decoding,
+   to no less than the model's input size) to show what that would add.
+2. What a GPU consumes, from ``medcap.plan``: BLIP2-OPT-6.7B QLoRA (4-bit, fp16) on two T4s and bf16
+   LoRA on one A100-80, images per second = GPUs x peak x utilisation / FLOPs per sample. The loader
+   must outrun both by 3x or more.
+3. Padding waste (pad tokens / all tokens of the padded batches the language model sees) on the REAL
+   ROCOv2 validation captions (``../shared/data/rocov2-valid``), tokenised with the shipped offline
+   BPE, with and without length bucketing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchdata import SHARED_VALID_CAPTIONS, phantom_pairs, real_captions
+
+from medcap.data import ManifestRow
+
+
+class DraftDataset:
+    """``CaptionDataset`` with Pillow's JPEG draft mode: decode at reduced scale, then RGB."""
+
+    def __init__(self, rows: list[ManifestRow], size: int):
+        self.rows = rows
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        row = self.rows[i]
+        with Image.open(row.image) as im:
+            # Largest reduction that keeps both sides >= the model's input size.
+            im.draft("RGB", (self.size, self.size))
+            im = im.convert("RGB")
+        return im, row.caption
+
+
+def loader_rate(dataset, collator, batches, workers: int) -> tuple[float, float]:
+    """(images/s over the timed batches, seconds of the first batch incl. worker start-up)."""
+    from torch.utils.data import DataLoader
+
+    dl = DataLoader(dataset, batch_sampler=batches, collate_fn=collator, num_workers=workers)
+    t0 = time.perf_counter()
+    it = iter(dl)
+    first = next(it)
+    t_first = time.perf_counter() - t0
+    n = 0
+    t1 = time.perf_counter()
+    for batch in it:
+        n += batch["pixel_values"].shape[0]
+    dt = time.perf_counter() - t1
+    del first
+    return n / dt, t_first
+
+
+def gpu_consumption() -> list[dict]:
+    """Images/s the planner expects a T4 pair (QLoRA) and an A100-80 (bf16 LoRA) to train at."""
+    from medcap import plan as plan_lib
+    from medcap.model import ModelConfig, PeftSettings
+    from medcap.train import RunConfig, TrainConfig
+
+    lora = PeftSettings(method="lora", r=16, alpha=32, dropout=0.05, targets="lm-qv")
+    cases = [
+        (
+            "t4",
+            2,
+            RunConfig(
+                model=ModelConfig(
+                    random_init=True,
+                    precision="fp16",
+                    quantization="4bit",
+                    gradient_checkpointing=True,
+                    peft=lora,
+                ),
+                train=TrainConfig(batch_size=8, mixed_precision="fp16"),
+            ),
+        ),
+        (
+            "a100-80",
+            1,
+            RunConfig(
+                model=ModelConfig(random_init=True, precision="bf16", peft=lora),
+                train=TrainConfig(batch_size=16, mixed_precision="bf16"),
+            ),
+        ),
+    ]
+    out = []
+    for gpu, n, cfg in cases:
+        p = plan_lib.plan(cfg, gpu, n)
+        out.append(
+            {
+                "gpu": f"{n} x {gpu}",
+                "setting": f"{cfg.model.quantization} {cfg.model.precision}, batch {cfg.train.batch_size}",
+                "images_per_s": p.train_images / p.epoch_seconds,
+                "utilisation": p.utilisation,
+            }
+        )
+    return out
+
+
+def padding_waste(batch_size: int, cap: int, seed: int) -> dict:
+    """Pad tokens / all tokens with and without bucketing on the real ROCOv2 valid captions."""
+    from medcap.model import offline_tokenizer
+    from medcap.train import epoch_batches
+
+    caps = real_captions()
+    if not caps:
+        return {"skipped": f"{SHARED_VALID_CAPTIONS} not found"}
+    tok = offline_tokenizer("blip2-opt")
+    prefix = 32 + 1  # image tokens + BOS (no prompt)
+    lengths = [prefix + min(len(x), cap) + 1 for x in tok(caps, add_special_tokens=False)["input_ids"]]
+    out = {"captions": len(caps), "batch_size": batch_size, "caption_cap": cap}
+    for name, bucket in (("random batches", False), ("bucketed", True)):
+        real = padded = 0
+        for batch in epoch_batches(lengths, batch_size, seed, 0, bucket):
+            width = max(lengths[i] for i in batch)
+            real += sum(lengths[i] for i in batch)
+            padded += width * len(batch)
+        out[name] = (padded - real) / padded
+    # Caption tokens only (the part that varies), for reference.
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=96)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--cap", type=int, default=64, help="caption tokens kept (train.max_caption_tokens)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+
+    import torch
+
+    from medcap.model import CaptionCollator, ModelConfig, build_model
+    from medcap.train import CaptionDataset, epoch_batches
+
+    torch.set_num_threads(1)
+    results: dict = {"machine": "this CPU box (2 cores shared with other jobs)", "workers": args.workers}
+    with tempfile.TemporaryDirectory(prefix="medcap-loader-") as tmp:
+        pairs, source = phantom_pairs(Path(tmp) / "ph", args.images, args.seed)
+        rows = [ManifestRow(id=Path(pth).stem, image=str(pth), caption_raw=c, caption=c) for pth, c in pairs]
+        # The full-size models' processor resizes to 224 px with CLIP normalisation; the tiny model's
+        # processor at image_size 224 is the same code with the same settings (and needs no hub).
+        cfg = ModelConfig(name_or_path="tiny", image_size=224)
+        _, processor = build_model(cfg, verbose=False)
+        collator = CaptionCollator(processor, cfg, max_length=8 + 1 + args.cap + 1)
+        lengths = [
+            len(x) for x in processor.tokenizer([c for _, c in pairs], add_special_tokens=False)["input_ids"]
+        ]
+        batches = epoch_batches(lengths, args.batch_size, args.seed, 0, bucket=True)
+        rate, first = loader_rate(CaptionDataset(rows), collator, batches, args.workers)
+        rate_draft, _ = loader_rate(DraftDataset(rows, 224), collator, batches, args.workers)
+        results.update(images=args.images, captions=source, images_per_s=rate, images_per_s_draft=rate_draft)
+        results["first_batch_s"] = first
+    results["gpu"] = gpu_consumption()
+    results["padding"] = padding_waste(args.batch_size, args.cap, args.seed)
+
+    print(f"\ndata path, {args.workers} workers, batch {args.batch_size}, phantom JPEGs 500-1000 px -> 224:")
+    print(f"  decode + resize + normalise + collate (as fit() runs it): {rate:8.1f} images/s")
+    print(f"  with Pillow JPEG draft mode:                              {rate_draft:8.1f} images/s")
+    ok = True
+    for g in results["gpu"]:
+        margin = rate / g["images_per_s"]
+        ok &= margin >= 3
+        print(
+            f"  {g['gpu']:<12} {g['setting']:<22} consumes {g['images_per_s']:7.1f} images/s "
+            f"(planner, {100 * g['utilisation']:.0f}% utilisation): loader is {margin:5.1f}x "
+            f"{'OK' if margin >= 3 else 'TOO SLOW (< 3x)'} (draft mode {rate_draft / g['images_per_s']:.1f}x)"
+        )
+    pad = results["padding"]
+    if "skipped" in pad:
+        print(f"padding waste: skipped ({pad['skipped']})")
+    else:
+        print(
+            f"padding waste on {pad['captions']} real ROCOv2 valid captions (batch {pad['batch_size']}, cap "
+            f"{pad['caption_cap']} tokens): random batches {100 * pad['random batches']:.1f}%, bucketed "
+            f"{100 * pad['bucketed']:.1f}%"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1), encoding="utf-8")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
