@@ -44,6 +44,8 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -925,8 +927,11 @@ def fit(cfg: RunConfig) -> dict[str, Any]:
                 progress.nonfinite_total += 1
                 progress.nonfinite_in_row += 1
             optimizer.zero_grad(set_to_none=True)
-            # The schedule follows the data even over a skipped step, so lr and position stay aligned.
-            scheduler.step()
+            # The schedule follows the data even over a skipped step, so lr and position stay aligned
+            # (torch warns when the very first optimizer step was the one skipped: expected here).
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                scheduler.step()
             progress.step += 1
             progress.batch_in_epoch += n_micro
             progress.samples_seen += n_micro * global_batch
@@ -1128,7 +1133,8 @@ def _dry_run_phantoms(tmp: Path, n: int, seed: int) -> Path:
 
     root, prepared = tmp / "phantoms", tmp / "prepared"
     # n training images plus a quarter of that for validation and test.
-    phantoms.make_phantoms(root, n=n + 2 * max(2, n // 4), seed=seed)
+    # Small images: the dry run checks the pipeline, and the processor resizes them anyway.
+    phantoms.make_phantoms(root, n=n + 2 * max(2, n // 4), seed=seed, size_range=(96, 192), progress=False)
     code = data_lib.cli_prepare([str(root), "--out", str(prepared), "--color-policy", "all"])
     if code != 0:
         raise TrainingError(f"dry run: preparing the phantom data in {root} failed (exit code {code})")
@@ -1177,7 +1183,9 @@ def cli(argv: list[str]) -> int:
         if args.dry_run:
             try:
                 result = dry_run(cfg)
-            except (ConfigError, TrainingError, FileNotFoundError, ValueError, RuntimeError) as e:
+            except Exception as e:  # a dry run exists to surface any failure, with its reason
+                if not isinstance(e, ConfigError | TrainingError | FileNotFoundError):
+                    traceback.print_exc()
                 print(f"DRY RUN FAILED: {type(e).__name__}: {e}", file=sys.stderr)
                 return 1
             print(

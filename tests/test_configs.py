@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import ast
-import re
 import inspect
+import re
 import shlex
 from pathlib import Path
 

@@ -83,3 +83,26 @@ def tiny_overrides(prepared: Path, out_dir: Path, **train: object) -> list[str]:
     for k, v in base.items():
         out += [f"--{k}", str(v)]
     return out
+
+
+def dropout_free_tiny(folder: Path) -> Path:
+    """The tiny architecture with every dropout at zero, as a local model folder (config.json)."""
+    from medcap.model import ModelConfig, PeftSettings, build_model
+
+    model, _ = build_model(ModelConfig(name_or_path="tiny", peft=PeftSettings(method="none")), verbose=False)
+    config = model.config
+    for sub in (config.vision_config, config.qformer_config, config.text_config):
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "dropout"):
+            if hasattr(sub, name):
+                setattr(sub, name, 0.0)
+    config.save_pretrained(folder)
+    return folder
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for the DDP rendezvous), so parallel test runs never collide."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
