@@ -621,7 +621,7 @@ def score_captions(
             for m in coco:
                 for x in _GROUPS.get(m, (m,)):
                     result.unavailable[x] = f"PTB tokenisation failed: {_reason(e)}"
-            coco = []
+            coco, ctp, ctr = [], [], []
         gts = {i: [t] for i, t in enumerate(ctr)}
         res = {i: [t] for i, t in enumerate(ctp)}
         for m in coco:
