@@ -1064,16 +1064,8 @@ def _make_collator(
 def _caption(model: Any, processor: Any, images: list[Any], cfg: RunConfig) -> list[str]:
     """Captions for sample images with the run's decoding settings (medcap.generate)."""
     from medcap import generate
-    from medcap import model as model_lib
 
-    if hasattr(generate, "caption_images"):
-        return generate.caption_images(model, processor, images, cfg.generate, cfg.model.prompt)
-    # Without the captioning module: greedy decoding through the model factory's helpers.
-    family = model.medcap_family
-    inputs = model_lib.generation_inputs(processor, images, cfg.model.prompt, family)
-    inputs = {k: v.to(model.device) for k, v in inputs.items()}
-    out = model.generate(**inputs, max_new_tokens=cfg.generate.max_new_tokens, do_sample=False, num_beams=1)
-    return model_lib.decode_captions(processor, out, inputs["input_ids"].shape[1], family)
+    return generate.caption_images(model, processor, images, cfg.generate, cfg.model.prompt)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 from train_fixtures import dropout_free_tiny, make_prepared, one_thread, tiny_overrides
 
 import medcap.train as train_module
+from medcap.config import save_config
 from medcap.model import load_checkpoint
 from medcap.train import NonFiniteLossError, cli, epoch_batches, eval_batches, fit, load_run_config
 
@@ -132,17 +134,34 @@ def test_config_and_data_errors_are_clear(
     assert "run 'medcap data prepare ROOT --out DIR' first" in capsys.readouterr().err
 
 
-def test_query_cache_without_features_module_is_a_clear_error(prepared: Path, tmp_path: Path) -> None:
-    try:
-        import medcap.features as features
-
-        if hasattr(features, "forward_from_cache"):
-            pytest.skip("medcap.features exists: the fast path is tested with it")
-    except ImportError:
-        pass
+def test_query_cache_without_features_module_is_a_clear_error(
+    prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "medcap.features", None)  # as if the module were absent
     cfg = load_run_config(None, tiny_overrides(prepared, tmp_path / "run", query_cache=tmp_path))
     with pytest.raises(train_module.TrainingError, match="train.query_cache is set but medcap.features"):
         fit(cfg)
+
+
+def test_query_cache_trains_with_the_losses_of_the_normal_path(tmp_path: Path) -> None:
+    """train.query_cache: batches of cached Q-Former outputs through medcap.features, same losses as
+    images through the vision tower (dropout off: the cache is computed in eval mode), within fp16."""
+    features = pytest.importorskip("medcap.features")
+    prepared = make_prepared(tmp_path / "prep", n_train=8, n_valid=4, seed=7)
+    arch = dropout_free_tiny(tmp_path / "arch")
+    common = {"model.name_or_path": arch, "model.random_init": "true", "model.peft.dropout": 0.0, "epochs": 1}
+    normal = load_run_config(None, tiny_overrides(prepared, tmp_path / "normal", **common))
+    fit(normal)
+    save_config(normal, tmp_path / "config.yaml")
+    assert features.cli(["--config", str(tmp_path / "config.yaml"), "--out", str(tmp_path / "cache")]) == 0
+    cached = load_run_config(
+        None, tiny_overrides(prepared, tmp_path / "cached", query_cache=tmp_path / "cache", **common)
+    )
+    fit(cached)
+    a, b = _log(tmp_path / "normal"), _log(tmp_path / "cached")
+    assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b] and len(a) == 3
+    for ra, rb in zip(a, b, strict=True):
+        assert float(ra["loss"]) == pytest.approx(float(rb["loss"]), abs=5e-3)
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path) -> None:
