@@ -116,7 +116,7 @@ class TrainConfig:
     log_every: int = 10
     """Training loss, learning rate and throughput to log.csv / TensorBoard every N optimizer steps."""
     max_caption_tokens: int = 64
-    """Caption tokens kept per example (longer captions are truncated; the EOS is kept)."""
+    """Caption tokens per example; longer captions are cut there (without an EOS: they did not end)."""
     bucket_by_length: bool = True
     """Group captions of similar length into batches (less padding), in a seeded random batch order."""
     max_nonfinite_in_row: int = 5
@@ -1138,12 +1138,38 @@ def _dry_run_phantoms(tmp: Path, n: int, seed: int) -> Path:
 # ----------------------------------------------------------------------------------------------
 
 
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass (the help text of its settings)."""
+    import ast
+    import inspect
+
+    body = ast.parse(inspect.getsource(cls)).body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:], strict=False):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if (
+                isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
 def cli(argv: list[str]) -> int:
     """``medcap train --config CONFIG [--dry-run] [--resume RUN] [--section.key VALUE ...]``."""
+    defaults = TrainConfig()
+    settings = "\n".join(
+        f"  --train.{name:<22} {doc} (default: {to_dict(getattr(defaults, name))})"
+        for name, doc in field_docs(TrainConfig).items()
+    )
     p = argparse.ArgumentParser(
         prog="medcap train",
         description="Fine-tune a captioning model on prepared manifests. Any setting can be overridden "
-        "with --section.key VALUE (e.g. --train.lr 1e-4 --model.peft.r 8).",
+        "with --section.key VALUE (e.g. --train.lr 1e-4 --model.peft.r 8); sections are data, model, "
+        "train and generate (see configs/*.yaml).",
+        epilog=f"train settings:\n{settings}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", type=Path, help="run config YAML (see configs/); without it, the defaults")
     p.add_argument(
