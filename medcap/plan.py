@@ -139,6 +139,15 @@ RECORDED_CPU_PEAKS: list[dict[str, Any]] = [
         "peak_rss_bytes": 8.0e9,
         "source": "issue 3: 'the 2.7B one takes about 3 s and 8 GB', same setting",
     },
+    {
+        "model": "Salesforce/blip2-opt-2.7b",
+        "batch_size": 2,
+        "caption_cap": 16,
+        "peak_rss_bytes": 9_159_401_472,
+        "source": "measured in this session (2026-11-28): bench_fullsize_cpu.py --model blip2-opt-2.7b "
+        "--measure-peak --steps 0 --batch-size 2 --cap 16 (50 tokens); RSS after build 8.25 GB; planner "
+        "8.65 GB (-5.5%); the step itself added 0.90 GB against 0.48 GB planned (see docs/PERFORMANCE.md)",
+    },
 ]
 
 # ---------------------------------------------------------------------------------------------
