@@ -820,6 +820,7 @@ def build_model(cfg: ModelConfig, verbose: bool = True, meta: bool = False):
         cfg = dataclasses.replace(cfg, quantization="none")
     model, processor = _build_base(cfg, family, meta=meta)
 
+    _align_stop_tokens(model, processor)
     for p in model.parameters():
         p.requires_grad_(False)
     if cfg.quantization != "none":
@@ -860,6 +861,30 @@ def build_model(cfg: ModelConfig, verbose: bool = True, meta: bool = False):
         if cfg.peft.method != "none":
             print(f"peft {cfg.peft.method} r={cfg.peft.r} on {len(matched)} modules: {_summarize(matched)}")
     return model, processor
+
+
+def _align_stop_tokens(model, processor) -> None:
+    """Make ``generate()`` stop at the tokenizer's EOS (what CaptionCollator appends) and the model's.
+
+    The Salesforce OPT models stop at "\n" (50118, LAVIS's caption end) while their tokenizer's EOS is
+    ``</s>``; a fine-tuned model learns ``</s>``. BLIP-2's ``generate`` runs the language model's own
+    ``generate``, so both generation configs get the list.
+    """
+    stops: list[int] = []
+    for value in (processor.tokenizer.eos_token_id, getattr(model.config.text_config, "eos_token_id", None)):
+        for i in value if isinstance(value, list) else [value]:
+            if i is not None and i not in stops:
+                stops.append(i)
+    for owner in (model, getattr(model, "language_model", None)):
+        gen = getattr(owner, "generation_config", None)
+        if gen is None:
+            continue
+        current = gen.eos_token_id
+        ids = list(current) if isinstance(current, list) else ([] if current is None else [current])
+        ids += [i for i in stops if i not in ids]
+        gen.eos_token_id = ids[0] if len(ids) == 1 else ids
+        if gen.pad_token_id is None:
+            gen.pad_token_id = processor.tokenizer.pad_token_id
 
 
 def _summarize(names: list[str]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 
 import pytest
@@ -23,6 +24,16 @@ from medcap.model import (
     resolve_family,
     save_trainable,
 )
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: on a shared, oversubscribed CPU a 2-thread tiny step was measured 10-50x
+    slower (every op waits for both threads to be scheduled)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _image(kind: int, size: int = 80) -> Image.Image:
@@ -93,6 +104,35 @@ def test_image_reaches_language_model():
         la, lb = model(**a), model(**b)
     assert not torch.allclose(la.logits, lb.logits)
     assert la.loss.item() != lb.loss.item()
+
+
+def test_tiny_learns_image_conditioned_captions_and_stops():
+    """End to end: two images, two captions; a few dozen steps make greedy decoding tell them apart
+    and stop at the EOS the collator appended (no runaway to max_new_tokens)."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    model, processor = build_model(cfg, verbose=False)
+    images = [Image.new("RGB", (64, 64), (20, 20, 20)), Image.new("RGB", (64, 64), (230, 230, 230))]
+    captions = ["a dark image", "a bright image of the chest"]
+    batch = CaptionCollator(processor, cfg, 32)(list(zip(images, captions, strict=True)))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    got: list[str] = []
+    for step in range(1, 121):
+        model.train()
+        loss = model(**batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 20 == 0:
+            model.eval()
+            inputs = generation_inputs(processor, images, cfg.prompt, "blip2-opt")
+            out = model.generate(**inputs, max_new_tokens=20, do_sample=False)
+            got = decode_captions(processor, out, inputs["input_ids"].shape[1], "blip2-opt")
+            if got == captions:
+                break
+    assert got == captions
+    # It stopped: the longest output is the longer caption + EOS, not 20 new tokens.
+    assert out.shape[1] - inputs["input_ids"].shape[1] < 20
 
 
 def test_generation_inputs_and_decode():
@@ -430,6 +470,15 @@ def test_local_folder_loads_through_from_pretrained(tmp_path):
         assert torch.equal(batch[key], expected[key]), key
     with torch.no_grad():
         assert torch.allclose(loaded(**batch).logits, model(**batch).logits, atol=1e-6)
+    # A hub-style config whose language model stops at another token (OPT: "\n" = 50118) still
+    # stops at the tokenizer's EOS, which the collator appends to every caption.
+    config_path = tmp_path / "config.json"
+    data = json.loads(config_path.read_text())
+    data["text_config"]["eos_token_id"] = 7
+    config_path.write_text(json.dumps(data))
+    loaded, loaded_processor = build_model(loaded_cfg, verbose=False)
+    stops = loaded.get_base_model().language_model.generation_config.eos_token_id
+    assert loaded_processor.tokenizer.eos_token_id in stops and 7 in stops
 
 
 def test_image_size_override():
