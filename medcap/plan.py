@@ -856,22 +856,34 @@ SHARED_VALID_CAPTIONS = (
 def _caption_lengths(run_cfg: Any, tokenizer: Any) -> tuple[list[int], str]:
     """Caption token counts: the config's training manifest if prepared, else the real ROCOv2
     validation captions shipped beside the repo, else none."""
-    from medcap.data import read_manifest
-
     manifest = run_cfg.data.manifest(run_cfg.data.train_split)
     if manifest.is_file():
-        rows = read_manifest(manifest, run_cfg.data.max_train_samples)
-        caps = [r.caption for r in rows]
-        source = f"{manifest}"
+        path, limit, source = manifest, run_cfg.data.max_train_samples, str(manifest)
     elif SHARED_VALID_CAPTIONS.is_file():
-        with SHARED_VALID_CAPTIONS.open(newline="", encoding="utf-8") as f:
-            caps = [r["Caption"].strip() for r in csv.DictReader(f)]
-        caps = [c for c in caps if c]
-        source = "ROCOv2 valid caption lengths"
+        path, limit, source = SHARED_VALID_CAPTIONS, None, "ROCOv2 valid caption lengths"
     else:
         return [], "no captions found"
-    ids = tokenizer(caps, add_special_tokens=False)["input_ids"]
-    return [len(x) for x in ids], source
+    return list(_lengths_of(str(path), path.stat().st_mtime_ns, limit, tokenizer)), source
+
+
+_LENGTH_CACHE: dict[tuple[str, int, int | None], tuple[int, ...]] = {}
+
+
+def _lengths_of(path: str, mtime: int, limit: int | None, tokenizer: Any) -> tuple[int, ...]:
+    """Token counts of the captions in a manifest or captions CSV, cached per file version (planning
+    several GPUs or batch sizes in one process tokenizes once)."""
+    from medcap.data import read_manifest
+
+    key = (path, mtime, limit)
+    if key not in _LENGTH_CACHE:
+        if path.endswith("manifest.csv"):
+            caps = [r.caption for r in read_manifest(path, limit)]
+        else:
+            with open(path, newline="", encoding="utf-8") as f:
+                caps = [c for c in (r["Caption"].strip() for r in csv.DictReader(f)) if c]
+        ids = tokenizer(caps, add_special_tokens=False)["input_ids"]
+        _LENGTH_CACHE[key] = tuple(len(x) for x in ids)
+    return _LENGTH_CACHE[key]
 
 
 def sequence_lengths(run_cfg: Any, num_query_tokens: int) -> tuple[int, float, int, str]:
@@ -884,6 +896,7 @@ def sequence_lengths(run_cfg: Any, num_query_tokens: int) -> tuple[int, float, i
     from medcap import model as model_lib
 
     tok = model_lib.offline_tokenizer("blip2-opt")
+    tok.model_max_length = 1 << 30  # only counting tokens: no "longer than the maximum" warning
     prompt = (
         len(tok(run_cfg.model.prompt, add_special_tokens=False)["input_ids"]) if run_cfg.model.prompt else 0
     )
