@@ -36,7 +36,8 @@ def real_set(n: int) -> tuple[list[str], list[str], list[str]]:
     """IDs, references (real captions, including the one that is only U+202F) and predictions."""
     caps = real_captions()
     rng = random.Random(3)
-    picked = [3901, *rng.sample(range(len(caps)), n - 1)]  # index 3901: ROCOv2_2023_valid_003902 is "\u202f"
+    blank = next(k for k, c in enumerate(caps) if not c.strip())  # the caption that is only U+202F
+    picked = [blank, *rng.sample(range(len(caps)), n - 1)]
     ids = [f"ROCOv2_2023_valid_{i + 1:06d}" for i in picked]
     refs = [caps[i] for i in picked]
     preds = [""] + [
