@@ -16,7 +16,7 @@ module computes that output ONCE per image and stores it, so that training reads
   ``language_projection`` and are scattered into the ``<image>`` token positions exactly as
   ``Blip2ForConditionalGeneration.forward`` does; no image is decoded and the vision tower never runs.
   ``strip_vision(model)`` frees the vision tower and Q-Former (do it before moving the model to the
-  GPU: about 1.1B parameters, 2.2 GB in bf16, for BLIP2-OPT-6.7B).
+  GPU: about 1.1B parameters, 2.4 GB for BLIP2-OPT-6.7B: the ViT in bf16 and the fp32 Q-Former).
 
 What is stored is the Q-Former output BEFORE ``language_projection``: 768 values per query token
 instead of 4096 (5.3x less disk: ROCOv2's 59,958 training images take 2.9 GB instead of 15.7 GB in
