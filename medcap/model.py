@@ -684,6 +684,9 @@ def _quantize_in_memory(model, cfg: ModelConfig):
 
     from transformers import Blip2ForConditionalGeneration
 
+    log.info(
+        "quantizing the random model %s through a temporary save (%s)", cfg.name_or_path, cfg.quantization
+    )
     with tempfile.TemporaryDirectory(prefix="medcap-quant-") as tmp:
         model.save_pretrained(tmp)
         dtype = DTYPES[cfg.precision]
@@ -708,7 +711,7 @@ def resolve_targets(model: torch.nn.Module, settings: PeftSettings, family: str)
         pattern = "|".join(f"(?:{p})" for p in parts)
         regex = re.compile(pattern)
         matched = [
-            n for n, m in model.named_modules() if regex.fullmatch(n) and isinstance(m, _LINEAR_TYPES())
+            n for n, m in model.named_modules() if regex.fullmatch(n) and isinstance(m, _linear_types())
         ]
         target: Any = pattern
     else:
@@ -716,7 +719,7 @@ def resolve_targets(model: torch.nn.Module, settings: PeftSettings, family: str)
         matched = [
             n
             for n, m in model.named_modules()
-            if isinstance(m, _LINEAR_TYPES()) and any(n == t or n.endswith("." + t) for t in names)
+            if isinstance(m, _linear_types()) and any(n == t or n.endswith("." + t) for t in names)
         ]
         target = names
     if not matched:
@@ -724,7 +727,8 @@ def resolve_targets(model: torch.nn.Module, settings: PeftSettings, family: str)
     return target, matched
 
 
-def _LINEAR_TYPES() -> tuple[type, ...]:  # noqa: N802 - a constant computed lazily (bitsandbytes import)
+def _linear_types() -> tuple[type, ...]:
+    """Linear layer classes PEFT can adapt: torch's and bitsandbytes' (imported lazily)."""
     types_: list[type] = [torch.nn.Linear]
     with contextlib.suppress(Exception):
         import bitsandbytes as bnb
@@ -814,8 +818,6 @@ def build_model(cfg: ModelConfig, verbose: bool = True, meta: bool = False):
 
     start = time.perf_counter()
     family = resolve_family(cfg)
-    if cfg.random_init and cfg.name_or_path not in TINY_NAMES and cfg.quantization != "none":
-        log.info("random_init with quantization: the random model is quantized through a temporary save")
     if meta and cfg.quantization != "none":
         cfg = dataclasses.replace(cfg, quantization="none")
     model, processor = _build_base(cfg, family, meta=meta)
