@@ -365,9 +365,9 @@ def format_summary(summary: dict[str, Any]) -> str:
             else ""
         )
         ci = f"  95% CI [{e['ci95'][0]:.4f}, {e['ci95'][1]:.4f}]" if "ci95" in e else ""
-        lines.append(f"  {m:<13} {e['mean']:.4f}{ci}{star}")
+        lines.append(f"  {m:<15} {e['mean']:.4f}{ci}{star}")
     for m, why in summary.get("unavailable", {}).items():
-        lines.append(f"  {m:<13} unavailable: {why}")
+        lines.append(f"  {m:<15} unavailable: {why}")
     for note in summary.get("notes", []):
         lines.append(f"  note: {note}")
     return "\n".join(lines)
