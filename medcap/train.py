@@ -191,9 +191,13 @@ def load_run_config(path: str | Path | None, overrides: list[str] | dict | None 
     return load_config(RunConfig, path, overrides)
 
 
-# Settings that may change between a run and its resumption without changing the result.
+# Settings that may change between a run and its resumption without changing the result. The run
+# folder and the data folder may be spelled differently (relative/absolute, moved): the checkpoint
+# lives in the run folder, and the data is checked by the hash of its manifests instead.
 RESUME_MAY_DIFFER = {
     "train.resume",
+    "train.out_dir",
+    "data.prepared",
     "train.progress_bar",
     "train.log_every",
     "train.tensorboard",

@@ -7,9 +7,10 @@ with ``medcap.phantoms.caption_facts``. A model that sees the images must state 
 image far more often than one that can only learn the caption distribution: if the image were
 silently dropped anywhere between the manifest and the language model, both runs would score alike.
 
-Measured on this 2-core box (shared, heavily loaded): 300 steps at batch 32 is about 100 s of CPU
-per run with one thread. Most of the gap comes from modality and region; lesion side is not learned
-in this budget (FACTS 3: fine facts need more steps).
+Measured on this 2-core box (shared with other jobs, load average about 10): the pair took 570 s
+of wall time; about 115 s of CPU per run (one torch thread, decoding in one loader worker), so
+roughly 2.5-3.5 minutes for the pair on two free cores. The gap comes from modality, region and
+finding; lesion side is not learned in this budget (FACTS 3: fine facts need many more steps).
 """
 
 from __future__ import annotations
@@ -94,6 +95,9 @@ def test_captions_state_the_image_facts_far_more_often_than_a_blank_trained_mode
     print(f"{'mean':<10} {mean_images:7.3f} {mean_blank:7.3f}")
     # The blank model can only guess the most frequent value of each fact; the image model reads
     # the modality off the picture.
-    assert images["modality"] >= blank["modality"] + 0.25, (images, blank)
+    # Measured here: modality 0.55 vs 0.23, region 0.53 vs 0.36, finding 0.55 vs 0.46, side 0.46 vs
+    # 0.49 (chance: side is not learned in 300 steps); mean 0.52 vs 0.39. 150 test images: a
+    # proportion's standard error is about 0.04, so the margins below are several of them.
+    assert images["modality"] >= blank["modality"] + 0.2, (images, blank)
     assert mean_images >= mean_blank + 0.08, (images, blank)
-    assert all(images[f] >= blank[f] - 0.05 for f in FACTS), (images, blank)
+    assert all(images[f] >= blank[f] - 0.1 for f in FACTS), (images, blank)
