@@ -37,6 +37,7 @@ Targets (issue 6): bf16 LoRA >= 45% MFU; QLoRA 6.7B < 15 GB peak at batch 8 with
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -69,6 +70,7 @@ class Case:
     batch: int
     ckpt: bool
     loop: str = "ours"  # "ours" | "naive" | "cached"
+    pad8: bool = True  # collator pad_to_multiple_of=8 (ours/cached; the naive loop pads to the max)
 
 
 def cases_for(quick: bool, device: str) -> list[Case]:
@@ -79,10 +81,15 @@ def cases_for(quick: bool, device: str) -> list[Case]:
             Case("bf16 LoRA cached queries", "bf16", 4, False, "cached"),
         ]
     if quick:
+        # The repeats run the same batches again once every shape has been seen: the gap to the first
+        # run is per-shape set-up (kernel selection, graph builds), not steady-state speed.
         return [
             Case("bf16 LoRA", "bf16", 16, False),
             Case("bf16 LoRA", "bf16", 32, False),
             Case("bf16 LoRA ckpt", "bf16", 32, True),
+            Case("bf16 LoRA, repeat (shapes seen)", "bf16", 32, False),
+            Case("bf16 LoRA, repeat (shapes seen)", "bf16", 16, False),
+            Case("bf16 LoRA, no pad-to-8", "bf16", 32, False, pad8=False),
             Case("bf16 LoRA cached queries", "bf16", 32, False, "cached"),
             Case("QLoRA nf4 ckpt", "4bit", 8, True),
             Case("QLoRA nf4", "4bit", 8, False),
@@ -274,7 +281,12 @@ def run_case(
 
     probe = CaptionCollator(processor, model_cfg, max_length=1 << 20)
     prefix = len(probe.prompt_ids)
-    collator = CaptionCollator(processor, model_cfg, max_length=prefix + cap + 1)
+    collator = CaptionCollator(
+        processor,
+        model_cfg,
+        max_length=prefix + cap + 1,
+        pad_to_multiple_of=8 if case.pad8 and case.loop != "naive" else 1,
+    )
     tok = processor.tokenizer
     batches = make_batches(collator, tok, lengths, case.batch, warmup + steps, seed, case.loop, cap)
     dtype = torch.bfloat16 if model_cfg.precision == "bf16" else torch.float16
@@ -303,10 +315,16 @@ def run_case(
         torch.cuda.reset_peak_memory_stats()
     real_tokens = padded_tokens = 0
     t_start = None
+    step_seconds: list[float] = []
+    t_prev = 0.0
     for k, b in enumerate(batches):
+        _sync(device)
+        t_step = time.perf_counter()
         if k == warmup:
-            _sync(device)
-            t_start = time.perf_counter()
+            t_start = t_step
+        if k > 0:
+            step_seconds.append(t_step - t_prev)
+        t_prev = t_step
         b = {key: (v.to(device) if hasattr(v, "to") else v) for key, v in b.items()}
         with autocast:
             if case.loop == "naive":
@@ -341,6 +359,7 @@ def run_case(
             padded_tokens += n_pad
     _sync(device)
     seconds = time.perf_counter() - t_start
+    step_seconds.append(time.perf_counter() - t_prev)
     samples = case.batch * steps
     sps = samples / seconds
     # Model FLOPs per sample at the mean REAL length (padding is waste, not useful work).
@@ -359,6 +378,9 @@ def run_case(
         "loop": case.loop,
         "samples_per_s": sps,
         "seconds_per_step": seconds / steps,
+        "step_seconds": step_seconds,  # every step, warm-up included: per-shape set-up shows here
+        "widths": [int(b["input_ids"].shape[1]) for b in batches],
+        "pad_to_multiple_of_8": case.pad8 and case.loop != "naive",
         "mean_real_tokens": mean_len,
         "padding_waste": 1 - real_tokens / padded_tokens,
         "model_tflop_per_sample": model_flops / 1e12,
@@ -399,6 +421,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--cap", type=int, default=64, help="caption tokens kept (train.max_caption_tokens)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--profile",
+        metavar="N",
+        type=int,
+        help="run case number N (0-based, in the printed order) under torch.profiler and print its top ops",
+    )
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     p.add_argument(
         "--write-lengths", type=Path, metavar="CAPTIONS_CSV", help="(re)write the length histogram"
@@ -461,26 +489,31 @@ def main(argv: list[str] | None = None) -> int:
             for case in sorted(
                 group, key=lambda c: c.loop == "cached"
             ):  # cached last: it frees the vision tower
+                index = cases.index(case)
+                prof = _profiler(args.device) if args.profile == index else contextlib.nullcontext()
                 try:
                     set_checkpointing(model, case.ckpt)
-                    r = run_case(
-                        case,
-                        model,
-                        processor,
-                        replace(cfg, gradient_checkpointing=case.ckpt),
-                        args.device,
-                        steps,
-                        warmup,
-                        lengths,
-                        args.seed,
-                        args.cap,
-                        rate,
-                    )
+                    with prof:
+                        r = run_case(
+                            case,
+                            model,
+                            processor,
+                            replace(cfg, gradient_checkpointing=case.ckpt),
+                            args.device,
+                            steps,
+                            warmup,
+                            lengths,
+                            args.seed,
+                            args.cap,
+                            rate,
+                        )
                 except Exception as e:
                     traceback.print_exc()
                     r = {"case": case.name, "batch": case.batch, "error": f"{type(e).__name__}: {e}"}
                     if args.device == "cuda":
                         torch.cuda.empty_cache()
+                if args.profile == index and not isinstance(prof, contextlib.nullcontext):
+                    _print_profile(prof, args.device)
                 results.append(r)
                 _print_row(r)
             del model
@@ -495,6 +528,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all("error" not in r for r in results) else 1
 
 
+def _profiler(device: str):
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    return profile(activities=acts)
+
+
+def _print_profile(prof, device: str) -> None:
+    """The ops that took the time: by self device time (GPU) and by self CPU time (launch, set-up)."""
+    table = prof.key_averages()
+    if device == "cuda":
+        print(table.table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=60), flush=True)
+    print(table.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60), flush=True)
+
+
 def _print_row(r: dict) -> None:
     if "error" in r:
         print(f"  {r['case']:<46} batch {r.get('batch', '-')}: ERROR {r['error']}", flush=True)
@@ -507,6 +555,9 @@ def _print_row(r: dict) -> None:
         f"pad {100 * r['padding_waste']:4.1f}%  {mem}",
         flush=True,
     )
+    if r.get("step_seconds"):
+        steps = " ".join(f"{t:.2f}" for t in r["step_seconds"])
+        print(f"    step seconds (warm-up first): {steps}; widths {r.get('widths')}", flush=True)
 
 
 def _summary(results: list[dict]) -> None:

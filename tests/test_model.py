@@ -549,3 +549,41 @@ def test_model_config_from_yaml_and_overrides(tmp_path):
         load_config(ModelConfig, path, ["--peft.targets", "lm-al"])
     with pytest.raises(ConfigError, match="quantization"):
         load_config(ModelConfig, path, ["--quantization", "3bit"])
+
+
+def test_training_forward_builds_no_kv_cache_and_padding_to_eight_changes_nothing():
+    """Training forwards skip the KV cache (memory nothing reads) and ``pad_to_multiple_of`` only adds
+    masked pads: the loss and every LoRA gradient equal the unpadded, cache-building step's."""
+    cfg = tiny_cfg(peft=PeftSettings(targets="lm-all", r=4, dropout=0.0))
+    torch.manual_seed(0)
+    model, processor = build_model(cfg, verbose=False)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.fill_(0.01)
+    pairs = [(_image(0), "CT of the chest"), (_image(1), "an axial MRI of the brain with contrast")]
+    plain = CaptionCollator(processor, cfg, 64)(pairs)
+    padded = CaptionCollator(processor, cfg, 64, pad_to_multiple_of=8)(pairs)
+    assert (
+        padded["input_ids"].shape[1] % 8 == 0 and padded["input_ids"].shape[1] > plain["input_ids"].shape[1]
+    )
+    assert padded["labels"][:, plain["labels"].shape[1] :].eq(-100).all()
+    model.train()
+    results = []
+    for batch, kw in ((plain, {"use_cache": True}), (padded, {})):
+        out = model(**batch, **kw)
+        out.loss.backward()
+        lm_out = out.language_model_outputs
+        results.append((out.loss.detach(), getattr(lm_out, "past_key_values", None)))
+        results[-1] += ({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad},)
+        model.zero_grad(set_to_none=True)
+    assert results[0][1] is not None, "an explicit use_cache=True must still build the cache"
+    assert results[1][1] is None, "a training forward built a KV cache"
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
+    for n, g in results[0][2].items():
+        assert torch.allclose(g, results[1][2][n], atol=1e-6), n
+    with torch.no_grad():  # eval forwards keep the model's default (generation relies on the cache)
+        model.eval()
+        assert model(**plain).language_model_outputs.past_key_values is not None
+    with pytest.raises(ValueError, match="pad_to_multiple_of"):
+        CaptionCollator(processor, cfg, 64, pad_to_multiple_of=0)
