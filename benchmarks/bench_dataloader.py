@@ -6,8 +6,9 @@
    (decode the JPEG, ``data.load_image``) in DataLoader worker processes, ``CaptionCollator`` (the
    processor resizes to 224 and normalises; tokens, labels) over length-bucketed batches
    (``train.epoch_batches``), on phantom JPEGs of ROCOv2-like sizes (500-1000 px a side). A second
-   run decodes with Pillow's JPEG draft mode (the decoder scales by 1/2, 1/4 or 1/8 while decoding,
-   to no less than the model's input size) to show what that would add.
+   run decodes with ``data.load_image(path, min_size=224)``: Pillow's JPEG draft mode (the decoder
+   scales by 1/2, 1/4 or 1/8 while decoding, to no less than the model's input size). Both are also
+   timed in CPU time per image in one process (robust to a shared, loaded box).
 2. What a GPU consumes, from ``medcap.plan``: BLIP2-OPT-6.7B QLoRA (4-bit, fp16) on two T4s and bf16
    LoRA on one A100-80, images per second = GPUs x peak x utilisation / FLOPs per sample. The loader
    must outrun both by 3x or more.
@@ -27,11 +28,13 @@ from pathlib import Path
 
 from benchdata import SHARED_VALID_CAPTIONS, phantom_pairs, real_captions
 
-from medcap.data import ManifestRow
+from medcap.data import ManifestRow, load_image
 
 
 class DraftDataset:
-    """``CaptionDataset`` with Pillow's JPEG draft mode: decode at reduced scale, then RGB."""
+    """``train.CaptionDataset`` decoding with ``data.load_image(path, min_size=size)``: Pillow's JPEG
+    draft mode (the largest 1/2-1/8 reduction that keeps both sides >= the model's input size),
+    then the same mode conversions. What ``CaptionDataset`` does once it passes the model's size."""
 
     def __init__(self, rows: list[ManifestRow], size: int):
         self.rows = rows
@@ -41,14 +44,17 @@ class DraftDataset:
         return len(self.rows)
 
     def __getitem__(self, i: int):
-        from PIL import Image
-
         row = self.rows[i]
-        with Image.open(row.image) as im:
-            # Largest reduction that keeps both sides >= the model's input size.
-            im.draft("RGB", (self.size, self.size))
-            im = im.convert("RGB")
-        return im, row.caption
+        return load_image(row.image, min_size=self.size), row.caption
+
+
+def cpu_ms_per_image(rows: list[ManifestRow], collator, min_size: int | None, batch: int) -> float:
+    """Single-process CPU time per image of decode + collate (the work one worker does), in ms."""
+    t0 = time.process_time()
+    for k in range(0, len(rows), batch):
+        chunk = rows[k : k + batch]
+        collator([(load_image(r.image, min_size=min_size), r.caption) for r in chunk])
+    return 1e3 * (time.process_time() - t0) / len(rows)
 
 
 def loader_rate(dataset, collator, batches, workers: int) -> tuple[float, float]:
@@ -170,12 +176,23 @@ def main(argv: list[str] | None = None) -> int:
         rate_draft, _ = loader_rate(DraftDataset(rows, 224), collator, batches, args.workers)
         results.update(images=args.images, captions=source, images_per_s=rate, images_per_s_draft=rate_draft)
         results["first_batch_s"] = first
+        # CPU time per image (process time, so the other jobs on a shared box do not inflate it): what
+        # `workers` free cores would deliver is workers x 1000 / ms.
+        ms = cpu_ms_per_image(rows, collator, None, args.batch_size)
+        ms_draft = cpu_ms_per_image(rows, collator, 224, args.batch_size)
+        results.update(cpu_ms_per_image=ms, cpu_ms_per_image_draft=ms_draft)
     results["gpu"] = gpu_consumption()
     results["padding"] = padding_waste(args.batch_size, args.cap, args.seed)
 
     print(f"\ndata path, {args.workers} workers, batch {args.batch_size}, phantom JPEGs 500-1000 px -> 224:")
     print(f"  decode + resize + normalise + collate (as fit() runs it): {rate:8.1f} images/s")
     print(f"  with Pillow JPEG draft mode:                              {rate_draft:8.1f} images/s")
+    free = args.workers * 1e3 / ms
+    free_draft = args.workers * 1e3 / ms_draft
+    print(
+        f"  CPU time per image, one process: {ms:.1f} ms full decode, {ms_draft:.1f} ms draft mode "
+        f"({ms / ms_draft:.2f}x): {args.workers} free cores would give {free:.0f} / {free_draft:.0f} images/s"
+    )
     ok = True
     for g in results["gpu"]:
         margin = rate / g["images_per_s"]
@@ -183,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"  {g['gpu']:<12} {g['setting']:<22} consumes {g['images_per_s']:7.1f} images/s "
             f"(planner, {100 * g['utilisation']:.0f}% utilisation): loader is {margin:5.1f}x "
-            f"{'OK' if margin >= 3 else 'TOO SLOW (< 3x)'} (draft mode {rate_draft / g['images_per_s']:.1f}x)"
+            f"{'OK' if margin >= 3 else 'TOO SLOW (< 3x)'} (draft mode {rate_draft / g['images_per_s']:.1f}x; "
+            f"on free cores {free / g['images_per_s']:.1f}x, draft {free_draft / g['images_per_s']:.1f}x)"
         )
     pad = results["padding"]
     if "skipped" in pad:

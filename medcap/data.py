@@ -231,7 +231,7 @@ def _flatten_alpha(im: Image.Image, mode: str) -> Image.Image:
     return base
 
 
-def load_image(path: str | Path) -> Image.Image:
+def load_image(path: str | Path, min_size: int | None = None) -> Image.Image:
     """Open an image file as 3-channel RGB.
 
     Conversions: L, 1 -> grey copied to 3 channels; LA, RGBA, PA and palettes with transparency
@@ -239,8 +239,20 @@ def load_image(path: str | Path) -> Image.Image:
     RGB; 16-bit and 32-bit grey (I;16, I, F) -> scaled to 8 bits by the image's own min..max
     (the stored range of medical 16-bit images is arbitrary), then grey to RGB. The format is
     taken from the content, not the extension.
+
+    ``min_size`` (default ``None``: full-size decode, as before): for JPEGs, let the decoder scale
+    by 1/2, 1/4 or 1/8 while decoding (Pillow's draft mode), choosing the largest reduction that keeps
+    BOTH sides at ``min_size`` pixels or more (a JPEG already smaller is decoded as it is). Pass the
+    model's input size (224, or ``model.image_size``): the processor resizes to it anyway, and
+    decoding a ROCOv2-sized JPEG this way takes about half the CPU time. Other formats ignore it.
     """
+    if min_size is not None and (not isinstance(min_size, int) or min_size < 1):
+        raise ValueError(f"load_image: min_size must be a positive integer or None, got {min_size!r}")
     with Image.open(path) as im:
+        if min_size is not None and im.format == "JPEG":
+            # Mode "RGB" changes no colour handling here (Pillow only converts when L or YCbCr is
+            # asked for); only the DCT scale is set. Both sides stay >= min_size.
+            im.draft("RGB", (min_size, min_size))
         im.load()
         mode = im.mode
         if mode == "RGB":
