@@ -1,17 +1,23 @@
 """BLIP2-OPT-6.7B training speed and memory on a GPU, with a naive baseline in the same run.
 
-On a lent H100/H200 (no network; torch, transformers, peft, accelerate are there, bitsandbytes is
-not: carry its wheel). Here, once, in the repo root:
+On a lent H100/H200 (no network; torch is there, carry wheels of transformers, tokenizers, peft
+and bitsandbytes at this venv's versions). Here, in the repo root (``.gpucheck`` in
+``.git/info/exclude``; the wheels downloaded once with ``pip download --no-deps --only-binary=:all:
+--python-version 3.12 --platform manylinux_2_24_x86_64 ...``)::
 
-    echo /.whl/ >> .git/info/exclude
-    .venv/bin/pip download bitsandbytes==0.50.2 --no-deps --only-binary=:all: --python-version 3.12 \
-        --implementation cp --platform manylinux_2_24_x86_64 -d .whl        # 43 MB
+    rm -rf .gpucheck && mkdir -p .gpucheck/repo && git archive HEAD | tar -x -C .gpucheck/repo
+    cp -r WHEELS_DIR .gpucheck/whl
 
-then run (device tool, ``carry: [".whl"]``, timeout 600)::
+then run (device tool, ``carry: [".gpucheck"]``, timeout 420)::
 
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
-      && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 \
-      && python3 benchmarks/gpu_bench.py --quick --out $OUT
+    cd .gpucheck && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --upgrade --target /tmp/site whl/*.whl \
+      && export PYTHONPATH=/tmp/site:$PWD/repo PYTHONUNBUFFERED=1 \
+      && cd repo && python3 benchmarks/gpu_bench.py --quick --profile 5 --out $OUT
+
+cuDNN attention is switched off first (``model.set_cuda_attention_backends``; ``--cudnn-sdpa`` keeps
+PyTorch's default for the A/B), batches are padded to a multiple of 8 (one case without), and every
+step's time and width is recorded: per-shape set-up shows as slow steps at new widths.
 
 What it does, all in one process on random weights (``random_init``: the shipped config, no hub):
 
@@ -422,6 +428,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cap", type=int, default=64, help="caption tokens kept (train.max_caption_tokens)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--cudnn-sdpa",
+        action="store_true",
+        help="leave cuDNN attention enabled (PyTorch's default; per-shape plan builds): the A/B of "
+        "model.set_cuda_attention_backends",
+    )
+    p.add_argument(
         "--profile",
         metavar="N",
         type=int,
@@ -457,6 +469,10 @@ def main(argv: list[str] | None = None) -> int:
         info["transformers"] = transformers.__version__
     except ImportError:
         pass
+    from medcap.model import set_cuda_attention_backends
+
+    set_cuda_attention_backends(cudnn=args.cudnn_sdpa)
+    info["cudnn_sdpa"] = args.cudnn_sdpa
     rate = matmul_tflops(args.device)
     info["bf16_matmul_tflops_measured"] = rate
     print(f"{info['device']}: bf16 matmul {rate:.1f} TFLOP/s measured", flush=True)

@@ -866,6 +866,25 @@ def build_model(cfg: ModelConfig, verbose: bool = True, meta: bool = False):
     return model, processor
 
 
+def set_cuda_attention_backends(cudnn: bool = False) -> bool:
+    """Choose whether PyTorch's SDPA may use cuDNN attention (process-wide); returns the old setting.
+
+    Call it once before training on a GPU with ``cudnn=False`` (what ``gpu_bench.py`` does). On
+    Hopper and Blackwell, recent PyTorch builds try cuDNN attention first for masked bf16/fp16
+    attention (our right-padded batches), and cuDNN builds and caches an execution plan for every new
+    problem shape (batch, sequence length): reported at 0.4-1 s per new shape forward and as much
+    again backward (pytorch/pytorch#155958, modelscope/FunASR#3704). Length-bucketed batches have a
+    new width nearly every step, so a short run pays that on most steps. Without cuDNN, masked
+    attention goes to the memory-efficient kernel, which needs no per-shape plan. Padding batches to
+    a multiple of 8 (``CaptionCollator(pad_to_multiple_of=8)``) bounds the distinct widths either way.
+    The setting is process-wide (it must hold for gradient-checkpointing recomputes too), so it is a
+    call of its own rather than a side effect of ``build_model``. No effect without CUDA.
+    """
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(cudnn)
+    return before
+
+
 def _no_train_cache(module, args, kwargs):
     """Forward pre-hook: no KV cache while training (see ``_no_cache_in_training``)."""
     if module.training and torch.is_grad_enabled() and kwargs.get("use_cache") is None:

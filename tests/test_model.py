@@ -587,3 +587,16 @@ def test_training_forward_builds_no_kv_cache_and_padding_to_eight_changes_nothin
         assert model(**plain).language_model_outputs.past_key_values is not None
     with pytest.raises(ValueError, match="pad_to_multiple_of"):
         CaptionCollator(processor, cfg, 64, pad_to_multiple_of=0)
+
+
+def test_set_cuda_attention_backends_toggles_cudnn_sdpa_and_returns_the_old_setting():
+    from medcap.model import set_cuda_attention_backends
+
+    original = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        assert set_cuda_attention_backends(cudnn=False) is original
+        assert torch.backends.cuda.cudnn_sdp_enabled() is False
+        assert set_cuda_attention_backends(cudnn=True) is False
+        assert torch.backends.cuda.cudnn_sdp_enabled() is True
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(original)
