@@ -10,9 +10,9 @@ and bitsandbytes at this venv's versions). Here, in the repo root (``.gpucheck``
 
 then run (device tool, ``carry: [".gpucheck"]``, timeout 420)::
 
-    cd .gpucheck && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-        --upgrade --target /tmp/site whl/*.whl \
-      && export PYTHONPATH=/tmp/site:$PWD/repo PYTHONUNBUFFERED=1 \
+    cd .gpucheck && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \\
+        --upgrade --target /tmp/site whl/*.whl \\
+      && export PYTHONPATH=/tmp/site:$PWD/repo PYTHONUNBUFFERED=1 \\
       && cd repo && python3 benchmarks/gpu_bench.py --quick --profile 5 --out $OUT
 
 cuDNN attention is switched off first (``model.set_cuda_attention_backends``; ``--cudnn-sdpa`` keeps
