@@ -197,6 +197,8 @@ class BertScoreExact:
         self.num_layers = num_layers if num_layers is not None else default_bertscore_layers(model_type)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.batch_size = batch_size
+        #: Padded tokens per batch are capped at batch_size x this (long captions get smaller batches).
+        self.tokens_per_sentence = 64
         # Same tokenizer flavour as bert_score.score / BERTScorer (use_fast_tokenizer=False).
         self.tokenizer = get_tokenizer(model_type, use_fast=False)
         if self.tokenizer.model_max_length > _NO_LIMIT:
@@ -273,12 +275,22 @@ class BertScoreExact:
 
         unique = list(dict.fromkeys(sentences))
         ids = dict(zip(unique, self.encode_many(unique), strict=True))
-        # Longest first, like bert-score; similar lengths share a batch so little is padded.
+        # Longest first, like bert-score; similar lengths share a batch so little is padded, and
+        # a token budget keeps a batch of 512-token captions from costing 64 x 512 at once.
         order = sorted(unique, key=lambda s: len(ids[s]), reverse=True)
+        budget = self.batch_size * self.tokens_per_sentence
+        batches: list[list[str]] = []
+        for s in order:
+            if (
+                batches
+                and len(batches[-1]) < self.batch_size
+                and (len(batches[-1]) + 1) * len(ids[batches[-1][0]]) <= budget
+            ):
+                batches[-1].append(s)
+            else:
+                batches.append([s])
         out: dict[str, Any] = {}
-        starts = range(0, len(order), self.batch_size)
-        for start in tqdm(starts, desc="BERTScore embeddings", disable=not show_progress, leave=False):
-            batch = order[start : start + self.batch_size]
+        for batch in tqdm(batches, desc="BERTScore embeddings", disable=not show_progress, leave=False):
             padded, lens, mask = padding([ids[s] for s in batch], self.tokenizer.pad_token_id)
             with torch.no_grad():
                 emb = bert_encode(self.model, padded.to(self.device), attention_mask=mask.to(self.device))
