@@ -39,6 +39,7 @@ import json
 import math
 import os
 import random
+import re
 import resource
 import shutil
 import sys
@@ -934,7 +935,7 @@ def fit(cfg: RunConfig) -> dict[str, Any]:
             # The schedule follows the data even over a skipped step, so lr and position stay aligned
             # (torch warns when the very first optimizer step was the one skipped: expected here).
             with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
                 scheduler.step()
             progress.step += 1
             progress.batch_in_epoch += n_micro

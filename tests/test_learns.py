@@ -15,7 +15,6 @@ finding; lesion side is not learned in this budget (FACTS 3: fine facts need man
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -83,8 +82,6 @@ def _train_and_score(prepared: Path, run: Path) -> dict[str, float]:
 
 @pytest.mark.usefixtures("one_thread")
 def test_captions_state_the_image_facts_far_more_often_than_a_blank_trained_model(tmp_path: Path) -> None:
-    if os.getloadavg()[0] < 1.0:
-        torch.set_num_threads(2)  # both cores are free: use them (restored by the fixture)
     images = _train_and_score(_prepared(tmp_path / "images", blank=False), tmp_path / "images" / "run")
     blank = _train_and_score(_prepared(tmp_path / "blank", blank=True), tmp_path / "blank" / "run")
     print(f"\n{'fact':<10} {'images':>7} {'blank':>7}")
