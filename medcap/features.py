@@ -146,7 +146,9 @@ def vision_fingerprint(model: Any) -> str:
             h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
             h.update(flat[:64].float().cpu().numpy().tobytes())
             h.update(flat[-64:].float().cpu().numpy().tobytes())
-            h.update(np.float64(flat.float().sum().item()).tobytes())
+            # The sum in float64, rounded: a float32 sum's last bits depend on the thread count
+            # (the reduction is split per thread), and the same weights must give the same hash.
+            h.update(f"{flat.double().sum().item():.10e}".encode())
     return h.hexdigest()[:20]
 
 
@@ -227,6 +229,12 @@ def query_outputs(model: Any, pixel_values: Any) -> Any:
     ).last_hidden_state
 
 
+def _side(image_processor):
+    from medcap.model import image_side
+
+    return image_side(image_processor)
+
+
 class _ImageRows:
     """Manifest rows -> processed pixel values (decoded in DataLoader workers)."""
 
@@ -242,7 +250,8 @@ class _ImageRows:
 
         row = self.rows[i]
         try:
-            image = load_image(row.image)
+            # Same draft-mode decode as training (model.image_side), so the cache holds what fit() sees.
+            image = load_image(row.image, min_size=_side(self.image_processor))
         except (OSError, ValueError) as e:
             raise FeatureCacheError(
                 f"image {row.image} (id {row.id}) cannot be read: {e}; run 'medcap data prepare' again"

@@ -754,6 +754,7 @@ def cli_predict(argv: list[str]) -> int:
     timing), then checks the file as ``medcap check-submission`` would.
     """
     from medcap.data import DataConfig, load_image, read_manifest
+    from medcap.model import image_side
     from medcap.submission import check_submission, write_submission, zip_submission
 
     p = argparse.ArgumentParser(
@@ -827,7 +828,8 @@ def cli_predict(argv: list[str]) -> int:
     with _progress(len(rows), f"predict {args.split}") as bar:
         # data.load_image, the loader training used, so a split is captioned from the same pixels the
         # model was trained and validated on (prepare already accepted every image in the manifest).
-        for batch in _prefetched(rows, gen.batch_size, lambda r: load_image(r.image)):
+        side = image_side(cap.processor)  # the same draft-mode decode as training
+        for batch in _prefetched(rows, gen.batch_size, lambda r: load_image(r.image, min_size=side)):
             good = [(r, im) for r, im in batch if not isinstance(im, BaseException)]
             for r, err in batch:
                 if isinstance(err, BaseException):

@@ -866,6 +866,19 @@ def build_model(cfg: ModelConfig, verbose: bool = True, meta: bool = False):
     return model, processor
 
 
+def image_side(processor) -> int | None:
+    """The model's input side in pixels (what the image processor resizes to), or None if unknown.
+
+    Loaders pass it to ``data.load_image(min_size=...)`` so JPEGs decode in draft mode at no less
+    than this size; training, the query cache and predict all use it, so they see the same pixels.
+    """
+    size = getattr(getattr(processor, "image_processor", processor), "size", None)
+    if isinstance(size, dict):
+        values = [v for k, v in size.items() if k in ("height", "width", "shortest_edge") and v]
+        return int(min(values)) if values else None
+    return int(size) if isinstance(size, int) else None
+
+
 def set_cuda_attention_backends(cudnn: bool = False) -> bool:
     """Choose whether PyTorch's SDPA may use cuDNN attention (process-wide); returns the old setting.
 

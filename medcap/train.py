@@ -102,6 +102,12 @@ class TrainConfig:
     """Autocast precision. fp16 (V100, T4) uses a gradient scaler and can hit NaN losses; bf16 where the GPU has it."""
     cpu: bool = False
     """Train on the CPU even when a GPU is present."""
+    cpu_threads: int | None = None
+    """Torch threads when training on the CPU (null: the cores left after data.num_workers decoders,
+    at least 1: more threads than cores makes every step wait on the others)."""
+    pad_to_multiple_of: int | None = None
+    """Round padded batch widths up to a multiple of this (null: 8 on a GPU, 1 on the CPU). Fewer
+    distinct shapes means fewer per-shape kernel plans (cuDNN attention) on a GPU."""
     eval_every: int | None = None
     """Validation loss (and sample captions) every N optimizer steps (null: only at epoch ends)."""
     eval_at_epoch_end: bool = True
@@ -225,8 +231,11 @@ class CaptionDataset:
     """Manifest rows -> ``(RGB PIL image, caption)`` for ``CaptionCollator``; decoding runs in the
     loader workers."""
 
-    def __init__(self, rows: Sequence[ManifestRow]):
+    def __init__(self, rows: Sequence[ManifestRow], min_size: int | None = None):
         self.rows = list(rows)
+        # JPEGs are decoded at a reduced scale (Pillow draft mode) but never below the model's
+        # input size: the processor resizes to that anyway, and decoding is the loader's main cost.
+        self.min_size = min_size
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -234,7 +243,7 @@ class CaptionDataset:
     def __getitem__(self, i: int) -> tuple[Any, str]:
         row = self.rows[i]
         try:
-            image = load_image(row.image)
+            image = load_image(row.image, min_size=self.min_size)
         except (OSError, ValueError) as e:
             raise TrainingError(
                 f"image {row.image} (id {row.id}) cannot be read: {e}. The manifest is out of date: "
@@ -670,6 +679,13 @@ def fit(cfg: RunConfig) -> dict[str, Any]:
     )
     main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
+    if accelerator.device.type == "cpu":
+        threads = tc.cpu_threads or max(1, (os.cpu_count() or 1) // world - cfg.data.num_workers)
+        torch.set_num_threads(threads)
+    elif accelerator.device.type == "cuda":
+        # cuDNN attention builds a plan per new batch shape (about 1 s each on H100): see
+        # model.set_cuda_attention_backends; bucketed batches would pay it on most steps.
+        model_lib.set_cuda_attention_backends(cudnn=False)
 
     def say(msg: str) -> None:
         if main:
@@ -704,14 +720,20 @@ def fit(cfg: RunConfig) -> dict[str, Any]:
     model, processor = model_lib.build_model(cfg.model, verbose=main)
     family = model.medcap_family
     decoder_only = model_lib.DECODER_ONLY[family]
-    collator = _make_collator(model_lib, processor, cfg.model, tc.max_caption_tokens, decoder_only)
+    pad_multiple = tc.pad_to_multiple_of or (8 if accelerator.device.type == "cuda" else 1)
+    collator = _make_collator(
+        model_lib, processor, cfg.model, tc.max_caption_tokens, decoder_only, pad_multiple
+    )
     features = _load_features_module() if tc.query_cache is not None else None
     if features is not None:
         train_ds = features.CachedQueryDataset(tc.query_cache, train_rows, collator)
         valid_ds = features.CachedQueryDataset(tc.query_cache, valid_rows, collator)
         collate = getattr(train_ds, "collate", collator)
     else:
-        train_ds, valid_ds, collate = CaptionDataset(train_rows), CaptionDataset(valid_rows), collator
+        image_size = model_lib.image_side(processor)
+        train_ds = CaptionDataset(train_rows, min_size=image_size)
+        valid_ds = CaptionDataset(valid_rows, min_size=image_size)
+        collate = collator
     tokenizer = getattr(processor, "tokenizer", processor)
     train_len = [
         len(x) for x in tokenizer([r.caption for r in train_rows], add_special_tokens=False)["input_ids"]
@@ -803,7 +825,8 @@ def fit(cfg: RunConfig) -> dict[str, Any]:
             return []
         net = accelerator.unwrap_model(model)
         net.eval()
-        images = [load_image(r.image) for r in rows]
+        side = model_lib.image_side(processor)
+        images = [load_image(r.image, min_size=side) for r in rows]
         with torch.no_grad(), accelerator.autocast():
             preds = _caption(net, processor, images, cfg)
         net.train()
@@ -1051,7 +1074,12 @@ def _metrics(progress: Progress) -> dict[str, Any]:
 
 
 def _make_collator(
-    model_lib: Any, processor: Any, model_cfg: Any, max_caption_tokens: int, decoder_only: bool
+    model_lib: Any,
+    processor: Any,
+    model_cfg: Any,
+    max_caption_tokens: int,
+    decoder_only: bool,
+    pad_to_multiple_of: int = 1,
 ) -> Any:
     """A CaptionCollator whose length cap keeps ``max_caption_tokens`` caption tokens plus the EOS.
 
@@ -1059,10 +1087,15 @@ def _make_collator(
     included), so the fixed prefix is measured first.
     """
     if not decoder_only:
-        return model_lib.CaptionCollator(processor, model_cfg, max_length=max_caption_tokens + 1)
+        return model_lib.CaptionCollator(
+            processor, model_cfg, max_length=max_caption_tokens + 1, pad_to_multiple_of=pad_to_multiple_of
+        )
     probe = model_lib.CaptionCollator(processor, model_cfg, max_length=1 << 20)
     return model_lib.CaptionCollator(
-        processor, model_cfg, max_length=len(probe.prompt_ids) + max_caption_tokens + 1
+        processor,
+        model_cfg,
+        max_length=len(probe.prompt_ids) + max_caption_tokens + 1,
+        pad_to_multiple_of=pad_to_multiple_of,
     )
 
 
