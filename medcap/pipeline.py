@@ -63,6 +63,10 @@ def run_demo(
             str(prepared),
             "--train.out_dir",
             str(run_dir),
+            # Running the demo again continues (or, when finished, reuses) the same run; a changed
+            # config or data is refused with the list of differences.
+            "--train.resume",
+            "true",
             *overrides,
         ],
     )
