@@ -13,7 +13,8 @@ Endpoints::
     GET  /v1/model         base model, adapter, resolved config, defaults, limits, medcap version
     GET  /v1/metrics       request/batch counters (batch-size histogram) for load tests
     POST /v1/captions      multipart: one or more ``files`` + generation options as form fields
-    GET  /openapi.json     the OpenAPI schema; /docs is FastAPI's Swagger page
+    GET  /openapi.json     the OpenAPI schema
+    GET  /docs             Swagger UI for the schema, served from the swagger-ui-bundle package
 
 Every user mistake gets a 4xx JSON body ``{"error": CODE, "detail": MESSAGE, "field": NAME}``:
 request too large (413), too many images (400), no or empty file (400), unsupported format (415),
@@ -26,8 +27,9 @@ Example::
     medcap serve --checkpoint runs/demo/run/checkpoints/best --port 8000
     curl -F files=@scan.jpg -F files=@ct.dcm -F num_beams=3 http://127.0.0.1:8000/v1/captions
 
-FastAPI's /docs page loads Swagger UI's JavaScript from a CDN (cdn.jsdelivr.net); on a machine
-with no internet it shows a blank page, while /openapi.json (the schema itself) always works.
+FastAPI's own /docs page loads Swagger UI's JavaScript from a CDN, which a hospital network or an
+offline machine cannot reach; /docs here serves the same Swagger UI from the swagger-ui-bundle
+package instead, so the API documentation works offline.
 """
 
 from __future__ import annotations
@@ -616,6 +618,8 @@ def create_app(
         version=medcap.__version__,
         description="Radiology image captioning (BLIP-2 + PEFT). POST images to /v1/captions.",
         lifespan=lifespan,
+        docs_url=None,  # replaced below by a Swagger UI served from local files
+        redoc_url=None,
     )
     app.state.metrics = metrics
     app.state.batcher = batcher
@@ -676,6 +680,21 @@ def create_app(
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    import swagger_ui_bundle
+    from fastapi.openapi.docs import get_swagger_ui_html
+
+    app.mount("/docs-static", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-static")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url,
+            title=f"{app.title} - API docs",
+            swagger_js_url="/docs-static/swagger-ui-bundle.js",
+            swagger_css_url="/docs-static/swagger-ui.css",
+            swagger_favicon_url="/docs-static/favicon-32x32.png",
+        )
 
     @app.get("/healthz", summary="Liveness check")
     async def healthz():

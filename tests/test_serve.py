@@ -141,8 +141,12 @@ def test_health_model_info_and_openapi(client):
     page = client.get("/")
     assert page.status_code == 200 and "medcap" in page.text and "/static/app.js" in page.text
     assert client.get("/static/app.js").status_code == 200
-    # FastAPI's Swagger page (it loads its JavaScript from a CDN, so offline it renders blank).
-    assert client.get("/docs").status_code == 200
+    # The Swagger page works offline: every script and stylesheet it loads is served by us.
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "/openapi.json" in docs.text
+    assert "cdn." not in docs.text
+    for asset in ("/docs-static/swagger-ui-bundle.js", "/docs-static/swagger-ui.css"):
+        assert asset in docs.text and client.get(asset).status_code == 200
 
 
 def test_bearer_token(served):

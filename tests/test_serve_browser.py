@@ -280,3 +280,12 @@ def test_token_protected_service_asks_for_the_token(tiny, browser_page, tmp_path
     finally:
         page.evaluate("sessionStorage.clear()")
         stop()
+
+
+def test_api_docs_render_offline(server_url, browser_page, tmp_path):
+    """/docs renders Swagger UI with our operations on a machine with no internet."""
+    page = browser_page
+    page.goto(server_url + "/docs")
+    page.wait_for_selector(".opblock-summary-path:has-text('/v1/captions')", timeout=30_000)
+    assert page.locator(".opblock").count() >= 3
+    page.screenshot(path=str(_screenshot_dir(tmp_path) / "docs.png"), full_page=True)
