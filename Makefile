@@ -6,12 +6,12 @@ BIN = $(VENV)/bin
 
 .PHONY: demo test lint system-deps
 
-$(BIN)/.medcap-installed: pyproject.toml
+$(BIN)/.medcap-installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first and alone: pip takes the local CPU wheel, never a CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
 system-deps:
