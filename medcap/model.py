@@ -351,6 +351,12 @@ def tiny_blip2_config(family: str, vocab_size: int, image_token_index: int, spec
         text_config=text.to_dict(),
         num_query_tokens=8,
         image_token_index=image_token_index,
+        # The std of every random weight (_random_fill). 0.02 (BERT's, for 768+ wide layers) leaves
+        # 64-128 wide layers so small that the image barely moves the Q-Former output at first and
+        # the language model learns the caption prior instead; measured on 600 phantoms (600 steps,
+        # batch 16), 0.05 got held-out modality 0.70 and region 0.67 against 0.54 and 0.43 for 0.02
+        # (0.1: 0.58, 0.52).
+        initializer_range=0.05,
     )
 
 
