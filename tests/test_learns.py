@@ -7,9 +7,9 @@ with ``medcap.phantoms.caption_facts``. A model that sees the images must state 
 image far more often than one that can only learn the caption distribution: if the image were
 silently dropped anywhere between the manifest and the language model, both runs would score alike.
 
-Measured on this 2-core box (shared with other jobs, load average about 3.6, beside another
-training run): the pair took 276 s of wall time, one torch thread each, decoding in one loader
-worker. The gap comes from modality, region and finding; lesion side is not learned in this budget
+Measured on this 2-core box (shared with other jobs, load average about 3): the pair took 202 s
+of wall time and 199 s of CPU (one torch thread, decoding in one loader worker), so about 2-2.5
+minutes on two free cores; the scores are identical from run to run on this machine. The gap comes from modality, region and finding; lesion side is not learned in this budget
 (FACTS 3: fine facts need many more steps), so it is not held to the blank model's level.
 """
 
