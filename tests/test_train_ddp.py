@@ -75,7 +75,8 @@ def test_two_cpu_processes_match_one_with_the_same_global_batch(tmp_path: Path) 
     assert [(r["step"], r["split"]) for r in one] == [(r["step"], r["split"]) for r in two]
     assert len([r for r in one if r["split"] == "train"]) == 8
     for a, b in zip(one, two, strict=True):
-        assert float(a["loss"]) == pytest.approx(float(b["loss"]), abs=1e-5), (a, b)
+        # log.csv keeps 6 significant digits: allow one unit of that rounding on top of 1e-5.
+        assert float(a["loss"]) == pytest.approx(float(b["loss"]), abs=2e-5), (a, b)
     wa = load_file(str(tmp_path / "one" / "checkpoints" / "last" / "adapter" / "adapter_model.safetensors"))
     wb = load_file(str(tmp_path / "two" / "checkpoints" / "last" / "adapter" / "adapter_model.safetensors"))
     for key in wa:

@@ -69,6 +69,10 @@ def tiny_overrides(prepared: Path, out_dir: Path, **train: object) -> list[str]:
         "model.peft.method": "lora",
         "model.peft.targets": "lm-attn",
         "train.out_dir": out_dir,
+        # One torch thread, as before fit() chose threads itself: the same arithmetic in every
+        # run being compared (a reduction split over threads rounds differently), and no spinning
+        # threads when the suite shares the cores.
+        "train.cpu_threads": 1,
         "train.batch_size": 4,
         "train.lr": 3e-3,
         "train.epochs": 2,
