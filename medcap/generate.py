@@ -637,6 +637,18 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, file=sys.stderr, smoothing=0.1)
 
 
+def _load_with_decoding(prog: str, args: argparse.Namespace) -> tuple[Captioner, GenerateConfig] | None:
+    """The model (or None after printing why) and the decoding options on top of its own settings."""
+    cap = _load_or_exit(prog, args)
+    if cap is None:
+        return None
+    try:
+        return cap, _decoding_from_args(cap.gen, args)
+    except ConfigError as e:
+        print(f"{prog}: decoding options: {e}", file=sys.stderr)
+        return None
+
+
 def cli_caption(argv: list[str]) -> int:
     """``medcap caption PATH... [--model M | --checkpoint DIR] [--adapter DIR] [--out CSV]``.
 
@@ -678,14 +690,10 @@ def cli_caption(argv: list[str]) -> int:
         print("medcap caption: no image files found in " + ", ".join(map(str, args.paths)), file=sys.stderr)
         return 1
 
-    cap = _load_or_exit("medcap caption", args)
-    if cap is None:
+    loaded = _load_with_decoding("medcap caption", args)
+    if loaded is None:
         return 2
-    try:
-        gen = _decoding_from_args(cap.gen, args)  # the options on top of the checkpoint's settings
-    except ConfigError as e:
-        print(f"medcap caption: decoding options: {e}", file=sys.stderr)
-        return 2
+    cap, gen = loaded
     print(f"medcap caption: decoding {gen.describe()}", file=sys.stderr)
 
     results: list[tuple[Path, str]] = []
@@ -812,14 +820,10 @@ def cli_predict(argv: list[str]) -> int:
         return 2
     out = args.out or (run_dir or ckpt) / "predictions" / f"{args.split}.csv"
 
-    cap = _load_or_exit("medcap predict", args)
-    if cap is None:
+    loaded = _load_with_decoding("medcap predict", args)
+    if loaded is None:
         return 2
-    try:
-        gen = _decoding_from_args(cap.gen, args)  # the options on top of the checkpoint's settings
-    except ConfigError as e:
-        print(f"medcap predict: decoding options: {e}", file=sys.stderr)
-        return 2
+    cap, gen = loaded
     print(f"medcap predict: {len(rows)} images of {manifest}; decoding {gen.describe()}", file=sys.stderr)
 
     captions: dict[str, str] = {}
