@@ -77,6 +77,7 @@ class Case:
     ckpt: bool
     loop: str = "ours"  # "ours" | "naive" | "cached"
     pad8: bool = True  # collator pad_to_multiple_of=8 (ours/cached; the naive loop pads to the max)
+    cudnn: bool = False  # let SDPA use cuDNN attention for this case (the A/B of set_cuda_attention_backends)
 
 
 def cases_for(quick: bool, device: str) -> list[Case]:
@@ -92,10 +93,12 @@ def cases_for(quick: bool, device: str) -> list[Case]:
         return [
             Case("bf16 LoRA", "bf16", 16, False),
             Case("bf16 LoRA", "bf16", 32, False),
+            Case("bf16 LoRA", "bf16", 64, False),
             Case("bf16 LoRA ckpt", "bf16", 32, True),
+            Case("bf16 LoRA ckpt", "bf16", 64, True),
             Case("bf16 LoRA, repeat (shapes seen)", "bf16", 32, False),
-            Case("bf16 LoRA, repeat (shapes seen)", "bf16", 16, False),
             Case("bf16 LoRA, no pad-to-8", "bf16", 32, False, pad8=False),
+            Case("bf16 LoRA, cuDNN attention on", "bf16", 32, False, cudnn=True),
             Case("bf16 LoRA cached queries", "bf16", 32, False, "cached"),
             Case("QLoRA nf4 ckpt", "4bit", 8, True),
             Case("QLoRA nf4", "4bit", 8, False),
@@ -387,6 +390,7 @@ def run_case(
         "step_seconds": step_seconds,  # every step, warm-up included: per-shape set-up shows here
         "widths": [int(b["input_ids"].shape[1]) for b in batches],
         "pad_to_multiple_of_8": case.pad8 and case.loop != "naive",
+        "cudnn_sdpa": case.cudnn,
         "mean_real_tokens": mean_len,
         "padding_waste": 1 - real_tokens / padded_tokens,
         "model_tflop_per_sample": model_flops / 1e12,
@@ -509,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
                 prof = _profiler(args.device) if args.profile == index else contextlib.nullcontext()
                 try:
                     set_checkpointing(model, case.ckpt)
+                    before = set_cuda_attention_backends(cudnn=case.cudnn or args.cudnn_sdpa)
                     with prof:
                         r = run_case(
                             case,
@@ -523,8 +528,10 @@ def main(argv: list[str] | None = None) -> int:
                             args.cap,
                             rate,
                         )
+                    set_cuda_attention_backends(cudnn=before)
                 except Exception as e:
                     traceback.print_exc()
+                    set_cuda_attention_backends(cudnn=args.cudnn_sdpa)
                     r = {"case": case.name, "batch": case.batch, "error": f"{type(e).__name__}: {e}"}
                     if args.device == "cuda":
                         torch.cuda.empty_cache()
@@ -555,7 +562,11 @@ def _print_profile(prof, device: str) -> None:
     """The ops that took the time: by self device time (GPU) and by self CPU time (launch, set-up)."""
     table = prof.key_averages()
     if device == "cuda":
-        print(table.table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=60), flush=True)
+        try:  # the key's name changed across torch releases
+            text = table.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60)
+        except (KeyError, AttributeError, ValueError):
+            text = table.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60)
+        print(text, flush=True)
     print(table.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60), flush=True)
 
 
