@@ -50,54 +50,42 @@ def _trim() -> None:
         pass
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX); read from /proc/cpuinfo."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+def kernel_check(hidden: int, rows: int, threads: int) -> dict:
+    """One frozen bf16 ``hidden x hidden`` linear, forward and input gradient, PyTorch's bf16 products
+    against ``medcap.model.CpuFp32Linear`` (what ``build_model`` uses on CPUs without native bf16).
 
-
-def patch_frozen_bf16_linear_backward(chunk: int = 256) -> None:
-    """Work around a slow path of bf16 matmuls on CPUs without native bf16 (AVX2 only).
-
-    Measured on this machine: ``grad @ W`` (the input gradient of a linear layer) in bf16 runs at
-    0.15 GFLOP/s, 16x slower than ``F.linear(grad, W.t().contiguous())`` of the same product, so a
-    backward pass through a frozen bf16 LM takes hours. This patch computes the input gradient of
-    FROZEN bf16 linears in the fast orientation, transposing the weight in column chunks (so the
-    transient copy stays small, ``chunk`` x out_features) and keeps nothing more for backward than
-    the plain linear does (the weight only). The arithmetic is the same product; only the memory
-    layout of the operand differs.
+    The full-size loops below both run on the fp32 path (the native one would take hours a step
+    here); this shows what the path is worth on its own, at the loops' token count.
     """
     import torch
-    import torch.nn.functional as F
 
-    class FrozenLinear(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, weight, bias):
-            ctx.save_for_backward(weight)
-            return F.linear(x, weight, bias)
+    from medcap.model import CpuFp32Linear
 
-        @staticmethod
-        def backward(ctx, grad):
-            (weight,) = ctx.saved_tensors
-            k = weight.shape[1]
-            parts = [F.linear(grad, weight[:, j : j + chunk].t().contiguous()) for j in range(0, k, chunk)]
-            return torch.cat(parts, dim=-1), None, None
+    torch.set_num_threads(threads)
+    out = {"hidden": hidden, "rows": rows}
+    for name, cls in (("native_bf16", torch.nn.Linear), ("fp32_path", CpuFp32Linear)):
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(hidden, hidden, bias=True).to(torch.bfloat16).requires_grad_(False)
+        layer.__class__ = cls
+        x = torch.randn(rows, hidden, dtype=torch.bfloat16, requires_grad=True)
+        t0 = time.perf_counter()
+        y = layer(x)
+        t1 = time.perf_counter()
+        y.float().sum().backward()
+        t2 = time.perf_counter()
+        out[name] = {"forward_s": t1 - t0, "backward_s": t2 - t1}
+        print(
+            f"  frozen bf16 linear {hidden}x{hidden}, {rows} rows, {name}: forward {t1 - t0:.3f} s, "
+            f"input gradient {t2 - t1:.3f} s",
+            flush=True,
+        )
+    n, f = out["native_bf16"], out["fp32_path"]
+    out["speedup"] = (n["forward_s"] + n["backward_s"]) / (f["forward_s"] + f["backward_s"])
+    print(f"  fp32 path / native bf16, forward + backward: {out['speedup']:.1f}x", flush=True)
+    return out
 
-    original = torch.nn.Linear.forward
 
-    def forward(self, x):
-        w = self.weight
-        if w.dtype == torch.bfloat16 and not w.requires_grad and torch.is_grad_enabled() and x.requires_grad:
-            return FrozenLinear.apply(x, w, self.bias)
-        return original(self, x)
-
-    torch.nn.Linear.forward = forward
-
-
-def build(model_name: str, cap: int, seed: int, model_override: str | None = None):
+def build(model_name: str, cap: int, seed: int, model_override: str | None = None, fp32_matmul: str = "auto"):
     """The random-weight bf16 model with LoRA q,v r=16, its processor and our collator."""
     import torch
 
@@ -109,6 +97,7 @@ def build(model_name: str, cap: int, seed: int, model_override: str | None = Non
         init_seed=seed,
         precision="bf16",
         peft=PeftSettings(method="lora", r=16, alpha=32, dropout=0.05, targets="lm-qv"),
+        cpu_fp32_matmul=fp32_matmul,
     )
     torch.manual_seed(seed)
     model, processor = build_model(cfg, verbose=True)
@@ -147,18 +136,53 @@ def naive_step(model, collator, batch_pairs, max_len: int, pad_id: int) -> tuple
     mask = (padded != pad_id).long()
     out = model(pixel_values=batch["pixel_values"], input_ids=padded, attention_mask=mask, labels=padded)
     out.loss.backward()
-    return float(out.loss), int(padded.numel())
+    return float(out.loss.detach()), int(padded.numel())
 
 
-def run_loop(name, model, optimizer, step_fn, batches, pairs) -> dict:
-    """Time ``len(batches)`` optimizer steps (the first is a warm-up, not timed)."""
+def cached_step_fn(model, collator, pairs, batches):
+    """Our path from cached query embeddings (``medcap.features``, ``train.query_cache``).
+
+    The Q-Former outputs of the batches' images are computed once (the first epoch's cost, timed per
+    image and returned), with the collated text; the step then trains the language model from them
+    without running or loading the vision side, as every epoch after the first does.
+    """
+    import torch
+
+    from medcap import features
+    from medcap.train import label_token_count, token_loss_sum
+
+    cache = {}
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for idx in batches:
+            b = collator(_load(pairs, idx))
+            b["query_embeds"] = features.query_outputs(model, b.pop("pixel_values")).to(torch.float16)
+            cache[tuple(idx)] = b
+    per_image = (time.perf_counter() - t0) / sum(len(b) for b in batches)
+
+    def step(idx) -> tuple[float, int]:
+        b = dict(cache[tuple(idx)])
+        labels = b.pop("labels")
+        out = features.forward_from_cache(model, {**b, "labels": labels})
+        loss = token_loss_sum(out.logits, labels, True) / label_token_count(labels, True).clamp(min=1)
+        loss.backward()
+        return float(loss.detach()), int(b["input_ids"].numel())
+
+    return step, per_image
+
+
+def run_loop(name, model, optimizer, step_fn, batches, pairs, load: bool = True) -> dict:
+    """Time ``len(batches)`` optimizer steps (the first is a warm-up, not timed).
+
+    ``step_fn`` gets the decoded (image, caption) pairs, or the batch's row indices if not ``load``.
+    """
     _trim()
     rss_before = rss_bytes()
     reset_peak_rss()
     times, losses, tokens = [], [], 0
     for k, idx in enumerate(batches):
         t0 = time.perf_counter()
-        loss, n_tok = step_fn(_load(pairs, idx))
+        loss, n_tok = step_fn(_load(pairs, idx) if load else idx)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
@@ -195,29 +219,36 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument(
-        "--no-bf16-fix",
-        action="store_true",
-        help="do not patch the slow bf16 backward of CPUs without native bf16",
+        "--fp32-matmul",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="model.cpu_fp32_matmul: frozen bf16 linears in fp32 (auto: where the CPU lacks native bf16)",
     )
+    p.add_argument("--no-cache-loop", action="store_true", help="skip the cached-query loop")
     args = p.parse_args(argv)
 
     import torch
 
     from medcap import plan as plan_lib
+    from medcap.model import cpu_has_native_half_matmul
     from medcap.train import epoch_batches
 
     torch.set_num_threads(args.threads)
-    bf16_fix = not cpu_has_native_bf16() and not args.no_bf16_fix
-    if bf16_fix:
-        patch_frozen_bf16_linear_backward()
-        print("CPU without native bf16: frozen bf16 linears compute their input gradient in the fast layout")
+    native = cpu_has_native_half_matmul("bf16")
+    print(
+        f"CPU native bf16 products: {native}; model.cpu_fp32_matmul={args.fp32_matmul} "
+        f"(frozen bf16 linears in fp32: {args.fp32_matmul == 'on' or (args.fp32_matmul == 'auto' and not native)})",
+        flush=True,
+    )
     n_batches = args.steps + 1
     n_images = args.batch_size * n_batches * 4
     with tempfile.TemporaryDirectory(prefix="medcap-bench-") as tmp:
         pairs, source = phantom_pairs(Path(tmp) / "phantoms", n_images, args.seed)
         rss0 = rss_bytes()
         t0 = time.perf_counter()
-        model, processor, collator, cfg = build(args.model, args.cap, args.seed, args.model_path)
+        model, processor, collator, cfg = build(
+            args.model, args.cap, args.seed, args.model_path, args.fp32_matmul
+        )
         build_s = time.perf_counter() - t0
         rss_model = rss_bytes()
         tok = processor.tokenizer
@@ -237,8 +268,8 @@ def main(argv: list[str] | None = None) -> int:
             "rss_before_build_bytes": rss0,
             "rss_after_build_bytes": rss_model,
             "torch_threads": args.threads,
-            "cpu_native_bf16": cpu_has_native_bf16(),
-            "bf16_backward_patch": bf16_fix,
+            "cpu_native_bf16": native,
+            "cpu_fp32_matmul": args.fp32_matmul,
         }
         print(f"built in {build_s:.1f} s; RSS {gb(rss0)} -> {gb(rss_model)}", flush=True)
 
@@ -299,13 +330,32 @@ def main(argv: list[str] | None = None) -> int:
             )
             ratio = ours["samples_per_s"] / naive["samples_per_s"]
             results.update(naive=naive, ours=ours, speedup=ratio)
-            print(f"\n{'loop':<8}{'samples/s':>12}{'s/step':>10}{'tokens/step':>13}{'peak RSS':>12}")
-            for r in (naive, ours):
+            loops = [naive, ours]
+            if not args.no_cache_loop:
+                from medcap import features
+
+                step, per_image = cached_step_fn(model, collator, pairs, ours_batches)
+                freed = features.strip_vision(model)  # what the cached path never needs in memory
+                cached = run_loop("ours+cache", model, optimizer, step, ours_batches, pairs, load=False)
+                cached["cache_build_s_per_image"] = per_image
+                cached["vision_bytes_freed"] = freed
+                loops.append(cached)
+                results.update(cached=cached, speedup_cached=cached["samples_per_s"] / naive["samples_per_s"])
+            print(f"\n{'loop':<12}{'samples/s':>12}{'s/step':>10}{'tokens/step':>13}{'peak RSS':>12}")
+            for r in loops:
                 print(
-                    f"{r['loop']:<8}{r['samples_per_s']:>12.3f}{r['seconds_per_step']:>10.2f}"
+                    f"{r['loop']:<12}{r['samples_per_s']:>12.3f}{r['seconds_per_step']:>10.2f}"
                     f"{r['padded_tokens_per_step']:>13.0f}{r['peak_rss_bytes'] / 1e9:>10.2f} GB"
                 )
             print(f"ours / naive samples per second: {ratio:.2f}x  (captions: {source})")
+            if "cached" in results:
+                print(
+                    f"ours from cached queries / naive: {results['speedup_cached']:.2f}x per epoch after the "
+                    f"first (the cache cost {results['cached']['cache_build_s_per_image']:.1f} s per image once)"
+                )
+            if not native and args.fp32_matmul != "off":
+                hidden = int(model.config.text_config.hidden_size)
+                results["kernel"] = kernel_check(hidden, 64, args.threads)
             if not math.isfinite(ratio):
                 return 1
     if args.json:

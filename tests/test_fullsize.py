@@ -4,8 +4,8 @@ with random bf16 weights on phantom images, then generation; prints peak memory 
     flock /tmp/medcap-fullsize.lock env MEDCAP_FULLSIZE_LOCKED=1 .venv/bin/pytest -m slow tests/test_fullsize.py -s
 
 Takes the full-size lock itself unless MEDCAP_FULLSIZE_LOCKED=1 says the caller holds it. On CPUs
-without native bf16 (this AVX2 machine) the frozen linears' input gradients use the fast layout
-(benchmarks/bench_fullsize_cpu.py explains why: the default path runs at 0.15 GFLOP/s).
+without native bf16 (this AVX2 machine) ``build_model`` runs the frozen linears in fp32
+(``model.cpu_fp32_matmul``: PyTorch's bf16 input-gradient product runs at ~0.2 GFLOP/s here).
 """
 
 from __future__ import annotations
@@ -51,8 +51,6 @@ def test_6_7b_lora_steps_and_generation(tmp_path):
                 f"needs ~18 GB of free RAM for the 6.7B architecture, {_available_gb():.1f} GB available"
             )
         torch.set_num_threads(2)
-        if not bench.cpu_has_native_bf16():
-            bench.patch_frozen_bf16_linear_backward()
         cap, batch = 16, 2
         pairs, _ = phantom_pairs(tmp_path / "ph", 2 * batch, seed=0)
         model, processor, collator, cfg = bench.build("blip2-opt-6.7b", cap, seed=0)
