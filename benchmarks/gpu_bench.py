@@ -438,6 +438,11 @@ def main(argv: list[str] | None = None) -> int:
         "model.set_cuda_attention_backends",
     )
     p.add_argument(
+        "--fixed-segments",
+        action="store_true",
+        help="keep the CUDA allocator's default segments (fit() turns on expandable segments)",
+    )
+    p.add_argument(
         "--profile",
         metavar="N",
         type=int,
@@ -473,10 +478,12 @@ def main(argv: list[str] | None = None) -> int:
         info["transformers"] = transformers.__version__
     except ImportError:
         pass
-    from medcap.model import set_cuda_attention_backends
+    from medcap.model import set_cuda_allocator_defaults, set_cuda_attention_backends
 
     set_cuda_attention_backends(cudnn=args.cudnn_sdpa)
     info["cudnn_sdpa"] = args.cudnn_sdpa
+    # As fit() does, unless --fixed-segments asks for the allocator's default (the A/B).
+    info["cuda_allocator"] = None if args.fixed_segments else set_cuda_allocator_defaults()
     rate = matmul_tflops(args.device)
     info["bf16_matmul_tflops_measured"] = rate
     print(f"{info['device']}: bf16 matmul {rate:.1f} TFLOP/s measured", flush=True)

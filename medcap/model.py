@@ -991,6 +991,34 @@ def set_cuda_attention_backends(cudnn: bool = False) -> bool:
     return before
 
 
+def set_cuda_allocator_defaults() -> str | None:
+    """Let PyTorch's CUDA caching allocator grow segments in place (``expandable_segments``).
+
+    Length-bucketed batches allocate activations of a different size nearly every step; with fixed
+    segments the cache keeps blocks of every size seen, and the memory reserved from the GPU runs
+    12-35% above what is allocated (measured on an H200 with the 6.7B LoRA step: 49.0 GiB reserved
+    for 42.8 GiB allocated at batch 64, 27.5 for 20.4 with checkpointing) - memory a T4 or V100 does
+    not have. Expandable segments map more memory into one segment instead. A user's own
+    ``PYTORCH_CUDA_ALLOC_CONF`` wins. Returns the setting applied, or None (no CUDA, or user set).
+    """
+    import os
+
+    if any(os.environ.get(v) for v in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")):
+        return None
+    if not torch.cuda.is_available():
+        return None
+    setting = "expandable_segments:True"
+    # The environment variable only counts before CUDA starts; these set it in a running process
+    # (torch.cuda.memory._set_allocator_settings, deprecated in 2.13 for the accelerator-wide one).
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+    setter = setter or getattr(torch.cuda.memory, "_set_allocator_settings", None)
+    try:
+        setter(setting)
+    except (TypeError, RuntimeError):
+        return None
+    return setting
+
+
 def _no_train_cache(module, args, kwargs):
     """Forward pre-hook: no KV cache while training (see ``_no_cache_in_training``)."""
     if module.training and torch.is_grad_enabled() and kwargs.get("use_cache") is None:

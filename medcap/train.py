@@ -686,6 +686,9 @@ def fit(cfg: RunConfig) -> dict[str, Any]:
         # cuDNN attention builds a plan per new batch shape (about 1 s each on H100): see
         # model.set_cuda_attention_backends; bucketed batches would pay it on most steps.
         model_lib.set_cuda_attention_backends(cudnn=False)
+        # Bucketed batches change size every step: without this the allocator's reserve grows well
+        # past what is allocated (model.set_cuda_allocator_defaults).
+        model_lib.set_cuda_allocator_defaults()
 
     def say(msg: str) -> None:
         if main:

@@ -602,6 +602,23 @@ def test_set_cuda_attention_backends_toggles_cudnn_sdpa_and_returns_the_old_sett
         torch.backends.cuda.enable_cudnn_sdp(original)
 
 
+def test_cuda_allocator_defaults_respect_the_user_and_need_cuda(monkeypatch):
+    from medcap.model import set_cuda_allocator_defaults
+
+    calls = []
+    # CUDA cannot exist here: stand in for the device check and PyTorch's setter, nothing of ours.
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", calls.append, raising=False)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert set_cuda_allocator_defaults() is None and calls == []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert set_cuda_allocator_defaults() == "expandable_segments:True"
+    assert calls == ["expandable_segments:True"]
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")  # the user's choice wins
+    assert set_cuda_allocator_defaults() is None and len(calls) == 1
+
+
 def _lora_grads(cfg: ModelConfig, fp32_weights_from=None):
     """Loss and LoRA gradients of one batch; weights copied from ``fp32_weights_from`` if given."""
     torch.manual_seed(0)
