@@ -30,6 +30,7 @@ import math
 import os
 import re
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -627,6 +628,8 @@ def _build_base(cfg: ModelConfig, family: str, meta: bool = False):
             _cast_keeping_fp32(model, dtype)
         else:
             model = _materialize_random(config, dtype, cfg.init_seed)
+            if name in TINY_NAMES:
+                _sincos_vision_positions(model)
             if cfg.quantization != "none":
                 model = _quantize_in_memory(model, cfg)
         processor = make_processor(tokenizer, config.vision_config.image_size, config.num_query_tokens)
@@ -648,6 +651,35 @@ def _build_base(cfg: ModelConfig, family: str, meta: bool = False):
         resize_vision_positions(model, cfg.image_size)
         processor.image_processor.size = {"height": cfg.image_size, "width": cfg.image_size}
     return model, processor
+
+
+@torch.no_grad()
+def _sincos_vision_positions(model) -> None:
+    """Start the tiny vision tower's position embeddings as fixed 2-D sine-cosine codes (as MAE does).
+
+    The tiny models learn from scratch in a few hundred steps. With random position embeddings the
+    patches barely know where they are, so the model learns what is in an image (modality, region,
+    finding) but not where (the lesion's side: chance after 300 steps). Half the channels encode the
+    patch column and half the row, at geometric frequencies; the class position gets zeros. Still
+    trainable parameters: only their starting point changes.
+    """
+    emb = _unwrap(model).vision_model.embeddings
+    pos = emb.position_embedding
+    dim = pos.shape[-1]
+    grid = int(round((pos.shape[1] - 1) ** 0.5))
+    if grid * grid != pos.shape[1] - 1 or dim % 4:
+        return  # not a square patch grid with a class token: leave the random start
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+    rows, cols = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij"
+    )
+    parts = []
+    for coord in (cols.flatten(), rows.flatten()):
+        angle = coord[:, None] * omega[None, :]
+        parts += [torch.sin(angle), torch.cos(angle)]
+    table = torch.cat([torch.zeros(1, dim), torch.cat(parts, dim=1)], dim=0)
+    pos.copy_(table[None].to(pos.dtype))
 
 
 def _cast_keeping_fp32(model, dtype: torch.dtype) -> None:
@@ -899,26 +931,47 @@ def cpu_has_native_half_matmul(precision: str) -> bool:
         return False
 
 
+_UPCAST = threading.local()
+
+
+def _fp32_view(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` in fp32, written into this thread's reusable scratch buffer.
+
+    A fresh ``weight.float()`` per call costs more than the product at these sizes: the allocator
+    maps new pages for every large tensor and the kernel zeroes them (measured here, 4096x4096:
+    89 ms for ``.float()``, 16 ms to copy into a kept buffer, against ~100 ms for the product at 144
+    rows). The buffer grows to the largest weight seen (the 6.7B lm_head: 0.8 GB) and is only valid
+    until the next call in the same thread, which is all one product needs.
+    """
+    n = weight.numel()
+    buf = getattr(_UPCAST, "buf", None)
+    if buf is None or buf.numel() < n:
+        buf = _UPCAST.buf = torch.empty(n, dtype=torch.float32)
+    out = buf[:n].view(weight.shape)
+    out.copy_(weight)
+    return out
+
+
 class _Fp32FrozenLinear(torch.autograd.Function):
     """``F.linear`` of a frozen half-precision layer computed in fp32; returns the input's dtype.
 
-    The weight is upcast for the product and dropped right after (one layer's worth of fp32 at a
-    time: at most the 6.7B model's lm_head, 0.8 GB). Nothing but the weight is saved for backward:
-    a frozen layer needs no weight gradient, so its input is not kept either.
+    The weight is upcast into a scratch buffer for the product (``_fp32_view``). Nothing but the
+    weight is saved for backward: a frozen layer needs no weight gradient, so its input is not
+    kept either.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(weight)
-        out = torch.nn.functional.linear(x.float(), weight.float(), None if bias is None else bias.float())
-        return out.to(x.dtype)
+        b = None if bias is None else bias.float()
+        return torch.nn.functional.linear(x.float(), _fp32_view(weight), b).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad.float() @ weight.float()).to(grad.dtype)
+            grad_x = (grad.float() @ _fp32_view(weight)).to(grad.dtype)
         return grad_x, None, None
 
 
