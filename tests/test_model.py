@@ -489,10 +489,10 @@ def test_image_size_override():
     assert torch.isfinite(model(**batch).loss)
     # A pretrained model is re-gridded in place (LAVIS fine-tunes at 364 px from 224).
     model, _ = build_model(tiny_cfg(), verbose=False)
-    resize_vision_positions(model, 80)
-    assert model.vision_model.embeddings.position_embedding.shape[1] == (80 // 8) ** 2 + 1
-    pixels = torch.randn(1, 3, 80, 80)
-    assert model.vision_model(pixels).last_hidden_state.shape[1] == 101
+    resize_vision_positions(model, 96)
+    assert model.vision_model.embeddings.position_embedding.shape[1] == (96 // 16) ** 2 + 1
+    pixels = torch.randn(1, 3, 96, 96)
+    assert model.vision_model(pixels).last_hidden_state.shape[1] == 37
     with pytest.raises(ConfigError, match="multiple of the patch size"):
         resize_vision_positions(model, 81)
 
