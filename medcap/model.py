@@ -1023,10 +1023,15 @@ def image_side(processor) -> int | None:
     than this size; training, the query cache and predict all use it, so they see the same pixels.
     """
     size = getattr(getattr(processor, "image_processor", processor), "size", None)
-    if isinstance(size, dict):
-        values = [v for k, v in size.items() if k in ("height", "width", "shortest_edge") and v]
-        return int(min(values)) if values else None
-    return int(size) if isinstance(size, int) else None
+    if isinstance(size, int):
+        return size
+    if size is None or not hasattr(size, "get"):
+        return None
+    # A plain dict (older processors, saved configs) or transformers 5's SizeDict dataclass, which
+    # has .get but is no dict: missing that made every caller decode JPEGs at full size.
+    values = [size.get(k) for k in ("height", "width", "shortest_edge")]
+    values = [int(v) for v in values if v]
+    return min(values) if values else None
 
 
 def set_cuda_attention_backends(cudnn: bool = False) -> bool:

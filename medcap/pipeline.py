@@ -131,7 +131,7 @@ def cli(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="medcap run", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
     p.add_argument("--config", type=Path, default=REPO_CONFIGS / "demo.yaml", help="training config")
-    p.add_argument("--n", type=int, default=600, help="number of phantom images (all splits)")
+    p.add_argument("--n", type=int, default=1000, help="number of phantom images (all splits)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--protocol", default="imageclef2024", choices=["imageclef2024", "imageclef2025", "coco"])
     args, overrides = p.parse_known_args(argv)

@@ -695,3 +695,19 @@ def test_cpu_fp32_linear_is_plain_linear_when_trainable_or_fp32():
     assert out.dtype == torch.bfloat16 and torch.equal(out, exact.to(torch.bfloat16))
     (g,) = torch.autograd.grad(out.float().sum(), x)
     assert torch.equal(g, (torch.ones(3, 8) @ layer.weight.float()).to(torch.bfloat16))
+
+
+def test_image_side_reads_the_processor_size_in_every_form():
+    from types import SimpleNamespace
+
+    from medcap.model import image_side
+
+    _, processor = build_model(tiny_cfg(), verbose=False)
+    # transformers 5 keeps the size as a SizeDict dataclass: this is what training, the query cache
+    # and predict pass to load_image(min_size=...), so a None here means full-size JPEG decoding.
+    assert image_side(processor) == 64
+    assert image_side(SimpleNamespace(size={"height": 224, "width": 224})) == 224
+    assert image_side(SimpleNamespace(size={"shortest_edge": 384})) == 384
+    assert image_side(SimpleNamespace(size=364)) == 364
+    assert image_side(SimpleNamespace(size=None)) is None
+    assert image_side(SimpleNamespace(size={"longest_edge": 512})) is None
