@@ -226,8 +226,13 @@ def test_max_and_min_new_tokens(opt) -> None:
     eos = processor.tokenizer.eos_token_id
     head = model.get_base_model().language_model.get_output_embeddings()
 
+    pad = processor.tokenizer.pad_token_id
+
     def push_eos(_module, _inputs, output):
         output[..., eos] += 1e4
+        # Keep the forced tokens real: with EOS held back, a random model's next best may be the
+        # pad token, which caption decoding drops (it happened with one of these random models).
+        output[..., pad] -= 1e4
         return output
 
     handle = head.register_forward_hook(push_eos)
