@@ -122,7 +122,7 @@ def our_step(model, collator, batch_pairs) -> tuple[float, int]:
     n = label_token_count(labels, True).clamp(min=1)
     loss = token_loss_sum(out.logits, labels, True) / n
     loss.backward()
-    return float(loss), int(batch["input_ids"].numel())
+    return float(loss.detach()), int(batch["input_ids"].numel())
 
 
 def naive_step(model, collator, batch_pairs, max_len: int, pad_id: int) -> tuple[float, int]:

@@ -148,6 +148,16 @@ RECORDED_CPU_PEAKS: list[dict[str, Any]] = [
         "--measure-peak --steps 0 --batch-size 2 --cap 16 (50 tokens); RSS after build 8.25 GB; planner "
         "8.65 GB (-5.5%); the step itself added 0.90 GB against 0.48 GB planned (see docs/PERFORMANCE.md)",
     },
+    {
+        "model": "Salesforce/blip2-opt-6.7b",
+        "batch_size": 2,
+        "caption_cap": 64,
+        "peak_rss_bytes": 19_390_000_000,
+        "source": "measured in the second session (2026-11-28), idle box: bench_fullsize_cpu.py --model "
+        "blip2-opt-6.7b --steps 2, our loop (94 tokens a sample at real ROCOv2 lengths, cap 64), with the "
+        "CPU fp32 path of frozen bf16 linears (its 0.8 GB buffer included); RSS after build 16.28 GB; "
+        "planner 17.48 GB (-10%)",
+    },
 ]
 
 # ---------------------------------------------------------------------------------------------
