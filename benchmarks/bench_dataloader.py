@@ -2,13 +2,14 @@
 
     .venv/bin/python benchmarks/bench_dataloader.py [--images 96] [--workers 2] [--batch-size 8]
 
-1. Images per second of the training data path exactly as ``fit()`` runs it: ``train.CaptionDataset``
-   (decode the JPEG, ``data.load_image``) in DataLoader worker processes, ``CaptionCollator`` (the
-   processor resizes to 224 and normalises; tokens, labels) over length-bucketed batches
-   (``train.epoch_batches``), on phantom JPEGs of ROCOv2-like sizes (500-1000 px a side). A second
-   run decodes with ``data.load_image(path, min_size=224)``: Pillow's JPEG draft mode (the decoder
-   scales by 1/2, 1/4 or 1/8 while decoding, to no less than the model's input size). Both are also
-   timed in CPU time per image in one process (robust to a shared, loaded box).
+1. Images per second of the training data path: ``train.CaptionDataset`` with a full JPEG decode
+   (``data.load_image`` without ``min_size``: the baseline) in DataLoader worker processes,
+   ``CaptionCollator`` (the processor resizes to 224 and normalises; tokens, labels) over
+   length-bucketed batches (``train.epoch_batches``), on phantom JPEGs of ROCOv2-like sizes (500-1000
+   px a side). A second run decodes with ``data.load_image(path, min_size=224)``: Pillow's JPEG draft
+   mode (the decoder scales by 1/2, 1/4 or 1/8 while decoding, to no less than the model's input
+   size), which is what ``fit()`` does (``min_size=model.image_side(processor)``). Both are also timed
+   in CPU time per image in one process (robust to a shared, loaded box).
 2. What a GPU consumes, from ``medcap.plan``: BLIP2-OPT-6.7B QLoRA (4-bit, fp16) on two T4s and bf16
    LoRA on one A100-80, images per second = GPUs x peak x utilisation / FLOPs per sample. The loader
    must outrun both by 3x or more.
