@@ -186,8 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     results["padding"] = padding_waste(args.batch_size, args.cap, args.seed)
 
     print(f"\ndata path, {args.workers} workers, batch {args.batch_size}, phantom JPEGs 500-1000 px -> 224:")
-    print(f"  decode + resize + normalise + collate (as fit() runs it): {rate:8.1f} images/s")
-    print(f"  with Pillow JPEG draft mode:                              {rate_draft:8.1f} images/s")
+    print(f"  full decode + resize + normalise + collate (baseline):    {rate:8.1f} images/s")
+    print(f"  with Pillow JPEG draft mode (what fit() does):            {rate_draft:8.1f} images/s")
     free = args.workers * 1e3 / ms
     free_draft = args.workers * 1e3 / ms_draft
     print(
