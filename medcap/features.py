@@ -229,18 +229,16 @@ def query_outputs(model: Any, pixel_values: Any) -> Any:
     ).last_hidden_state
 
 
-def _side(image_processor):
-    from medcap.model import image_side
-
-    return image_side(image_processor)
-
-
 class _ImageRows:
     """Manifest rows -> processed pixel values (decoded in DataLoader workers)."""
 
     def __init__(self, rows: list[Any], image_processor: Any):
+        from medcap.model import image_side
+
         self.rows = rows
         self.image_processor = image_processor
+        # Same draft-mode decode as training, so the cache holds what fit() sees.
+        self.min_size = image_side(image_processor)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -250,8 +248,7 @@ class _ImageRows:
 
         row = self.rows[i]
         try:
-            # Same draft-mode decode as training (model.image_side), so the cache holds what fit() sees.
-            image = load_image(row.image, min_size=_side(self.image_processor))
+            image = load_image(row.image, min_size=self.min_size)
         except (OSError, ValueError) as e:
             raise FeatureCacheError(
                 f"image {row.image} (id {row.id}) cannot be read: {e}; run 'medcap data prepare' again"

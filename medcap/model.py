@@ -489,10 +489,6 @@ def _random_fill(model: torch.nn.Module, seed: int, std: float = 0.02) -> None:
     # All threads: the time goes to the kernel handing out fresh zeroed pages (page faults: 16 GB
     # for the 6.7B model), and two threads fault in parallel. Measured on the 2-core box, idle: 6.7B
     # build 27.4 s with one fill thread, 18.8 s with two (the default init: 96 s).
-    _fill_parameters(model, seed, std)
-
-
-def _fill_parameters(model: torch.nn.Module, seed: int, std: float) -> None:
     gen = torch.Generator(device="cpu").manual_seed(seed)
     pools: dict[torch.dtype, torch.Tensor] = {}
     seen: set[int] = set()

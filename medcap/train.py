@@ -727,15 +727,16 @@ def fit(cfg: RunConfig) -> dict[str, Any]:
     collator = _make_collator(
         model_lib, processor, cfg.model, tc.max_caption_tokens, decoder_only, pad_multiple
     )
+    # The model's input side: JPEGs decode in draft mode to no less than it (data.load_image).
+    image_side = model_lib.image_side(processor)
     features = _load_features_module() if tc.query_cache is not None else None
     if features is not None:
         train_ds = features.CachedQueryDataset(tc.query_cache, train_rows, collator)
         valid_ds = features.CachedQueryDataset(tc.query_cache, valid_rows, collator)
         collate = getattr(train_ds, "collate", collator)
     else:
-        image_size = model_lib.image_side(processor)
-        train_ds = CaptionDataset(train_rows, min_size=image_size)
-        valid_ds = CaptionDataset(valid_rows, min_size=image_size)
+        train_ds = CaptionDataset(train_rows, min_size=image_side)
+        valid_ds = CaptionDataset(valid_rows, min_size=image_side)
         collate = collator
     tokenizer = getattr(processor, "tokenizer", processor)
     train_len = [
@@ -828,8 +829,7 @@ def fit(cfg: RunConfig) -> dict[str, Any]:
             return []
         net = accelerator.unwrap_model(model)
         net.eval()
-        side = model_lib.image_side(processor)
-        images = [load_image(r.image, min_size=side) for r in rows]
+        images = [load_image(r.image, min_size=image_side) for r in rows]
         with torch.no_grad(), accelerator.autocast():
             preds = _caption(net, processor, images, cfg)
         net.train()

@@ -53,11 +53,6 @@ OVERRIDES = {
 }
 
 
-def _facts_table(path: Path) -> dict[str, dict[str, str]]:
-    with path.open(newline="", encoding="utf-8") as f:
-        return {row["ID"]: row for row in csv.DictReader(f)}
-
-
 def train_and_score(root: str, blank: bool, overrides: dict | None = None) -> dict[str, float]:
     """Generate, prepare, train and caption; returns the fact hit rates (runs in a worker process)."""
     import torch
@@ -85,7 +80,7 @@ def score(base: Path, cfg) -> dict[str, float]:
     from medcap.data import load_image, read_manifest
     from medcap.generate import caption_images
     from medcap.model import load_checkpoint
-    from medcap.phantoms import caption_facts
+    from medcap.phantoms import caption_facts, phantom_facts
 
     prepared, run = base / "prepared", base / "run"
     # Caption through the saved checkpoint, as `medcap predict` would.
@@ -97,11 +92,11 @@ def score(base: Path, cfg) -> dict[str, float]:
             images = [load_image(r.image) for r in rows[i : i + 50]]
             preds += caption_images(model, processor, images, cfg.generate, cfg.model.prompt)
     # Which (modality, region, finding) combinations training shows with both sides.
-    train_facts = _facts_table(base / "phantoms" / "train_phantom_facts.csv")
+    train_facts = phantom_facts(base / "phantoms", "train")
     sides: dict[tuple[str, str, str], set[str]] = {}
     for f in train_facts.values():
         sides.setdefault((f["modality"], f["region"], f["finding"]), set()).add(f["side"])
-    test_facts = _facts_table(base / "phantoms" / "test_phantom_facts.csv")
+    test_facts = phantom_facts(base / "phantoms", "test")
     hits = dict.fromkeys(FACTS, 0)
     side_open = side_open_hits = 0
     with (run / "test_predictions.csv").open("w", newline="", encoding="utf-8") as out:

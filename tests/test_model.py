@@ -437,8 +437,8 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path, monkeypatch, kw
     if cfg.peft.method != "none":
         assert "adapter" in written and (tmp_path / "ckpt" / "adapter" / "adapter_config.json").is_file()
     # Rebuilding the random base must not matter: the checkpoint carries it (base.safetensors).
-    original = model_module._fill_parameters
-    monkeypatch.setattr(model_module, "_fill_parameters", lambda m, seed, std: original(m, seed + 1, std))
+    original = model_module._random_fill
+    monkeypatch.setattr(model_module, "_random_fill", lambda m, seed, std: original(m, seed + 1, std))
     loaded, _, run_cfg = load_checkpoint(tmp_path / "ckpt")
     with torch.no_grad():
         got = loaded(**batch).logits
