@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchdata import SHARED_VALID_CAPTIONS, phantom_pairs, real_captions
+from benchdata import SHARED_VALID_CAPTIONS, machine_description, phantom_pairs, real_captions
 
 from medcap.data import ManifestRow, load_image
 
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     from medcap.train import CaptionDataset, epoch_batches
 
     torch.set_num_threads(1)
-    results: dict = {"machine": "this CPU box (2 cores shared with other jobs)", "workers": args.workers}
+    results: dict = {"machine": machine_description(), "workers": args.workers}
     with tempfile.TemporaryDirectory(prefix="medcap-loader-") as tmp:
         pairs, source = phantom_pairs(Path(tmp) / "ph", args.images, args.seed)
         rows = [ManifestRow(id=Path(pth).stem, image=str(pth), caption_raw=c, caption=c) for pth, c in pairs]

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchdata import phantom_pairs
+from benchdata import machine_description, phantom_pairs
 
 SCALED = {
     "vision_config": {
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     first = steady_normal / (cache_s + cached[0])
     later = steady_normal / steady_cached
     result = {
-        "machine": "this CPU box (2 cores shared with other jobs)",
+        "machine": machine_description(),
         "images": args.images,
         "batch_size": args.batch_size,
         "captions": source,

@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchdata import gb, peak_rss_bytes, phantom_pairs, reset_peak_rss, rss_bytes
+from benchdata import gb, machine_description, peak_rss_bytes, phantom_pairs, reset_peak_rss, rss_bytes
 
 MODELS = {"blip2-opt-6.7b": "Salesforce/blip2-opt-6.7b", "blip2-opt-2.7b": "Salesforce/blip2-opt-2.7b"}
 
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         prefix = len(collator.prompt_ids)
         max_len = prefix + args.cap + 1
         results: dict = {
-            "machine": "this CPU box (2 cores shared, 24 GB)",
+            "machine": machine_description(),
             "model": args.model_path or args.model,
             "batch_size": args.batch_size,
             "caption_cap_tokens": args.cap,

@@ -22,6 +22,30 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
+def machine_description() -> str:
+    """This machine in words for a results file: CPU model, cores, RAM and whether it has native bf16
+    (AVX512-BF16 / AMX), which decides the speed of every bf16 figure on a CPU by ~100x."""
+    model, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown CPU":
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kb = int(Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0])
+        mem = f", {kb / 2**20:.0f} GiB RAM"
+    except (OSError, IndexError, ValueError):
+        pass
+    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    bf16 = "AVX512-BF16" if "avx512_bf16" in flags else "AMX" if "amx_bf16" in flags else "no native bf16"
+    return f"{model}, {os.cpu_count()} cores{mem}, {vector}, {bf16}"
+
+
 def real_captions() -> list[str]:
     """The non-empty real ROCOv2 validation captions (whitespace normalised), or [] if absent."""
     if not SHARED_VALID_CAPTIONS.is_file():

@@ -158,6 +158,33 @@ RECORDED_CPU_PEAKS: list[dict[str, Any]] = [
         "CPU fp32 path of frozen bf16 linears (its 0.8 GB buffer included); RSS after build 16.28 GB; "
         "planner 17.48 GB (-10%)",
     },
+    # The AVX-512 box (AMD EPYC Zen 5 with AVX512-BF16: native bf16 products, no fp32 path).
+    {
+        "model": "Salesforce/blip2-opt-6.7b",
+        "batch_size": 2,
+        "caption_cap": 64,
+        "peak_rss_bytes": 18_150_000_000,
+        "source": "measured in the third session (2026-12-01), AVX-512 box, idle: bench_fullsize_cpu.py --model "
+        "blip2-opt-6.7b --measure-peak --steps 2 (98 tokens a sample); RSS after build 16.29 GB; planner "
+        "17.48 GB (-3.6%)",
+    },
+    {
+        "model": "Salesforce/blip2-opt-2.7b",
+        "batch_size": 2,
+        "caption_cap": 64,
+        "peak_rss_bytes": 9_480_000_000,
+        "source": "measured in the third session (2026-12-01), AVX-512 box, idle: bench_fullsize_cpu.py --model "
+        "blip2-opt-2.7b --measure-peak --steps 2 (98 tokens a sample); RSS after build 8.26 GB; planner "
+        "9.03 GB (-4.7%)",
+    },
+    {
+        "model": "Salesforce/blip2-opt-6.7b",
+        "batch_size": 2,
+        "caption_cap": 16,
+        "peak_rss_bytes": 17_360_000_000,
+        "source": "measured in the third session (2026-12-01), AVX-512 box: tests/test_fullsize.py (pytest -m "
+        "slow; two steps at cap 16, 50 tokens a sample); planner 16.92 GB (-2.5%)",
+    },
 ]
 
 # ---------------------------------------------------------------------------------------------
