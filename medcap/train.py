@@ -132,6 +132,10 @@ class TrainConfig:
     """--dry-run: optimizer steps to run."""
     dry_run_images: int = 16
     """--dry-run: training images (phantoms generated, or the first rows of the user's data)."""
+    dry_run_batch_size: int | None = None
+    """--dry-run: micro-batch size (null: batch_size on a GPU, at most 2 on a CPU, where a full-size
+    model at a GPU batch takes many minutes a step; the dry run checks the config, `medcap plan`
+    answers memory)."""
     query_cache: Path | None = None
     """Folder of precomputed query embeddings (medcap features): train from them without the vision tower."""
     resume: bool = False
@@ -153,7 +157,14 @@ class TrainConfig:
             positive(name)
         for name in ("dry_run_steps", "dry_run_images", "max_caption_tokens"):
             positive(name)
-        for name in ("max_steps", "eval_batch_size", "eval_every", "patience", "save_every"):
+        for name in (
+            "max_steps",
+            "eval_batch_size",
+            "eval_every",
+            "patience",
+            "save_every",
+            "dry_run_batch_size",
+        ):
             positive(name, allow_none=True)
         if self.lr <= 0 or not math.isfinite(self.lr):
             raise ConfigError(f"train.lr must be a positive number, got {self.lr!r}")
@@ -211,6 +222,7 @@ RESUME_MAY_DIFFER = {
     "data.num_workers",
     "train.dry_run_steps",
     "train.dry_run_images",
+    "train.dry_run_batch_size",
 }
 
 
@@ -1119,8 +1131,12 @@ def dry_run(cfg: RunConfig) -> dict[str, Any]:
 
     Uses the first ``train.dry_run_images`` rows of the configured data when its manifests exist,
     otherwise a small phantom dataset generated into a temporary folder. Nothing is written next to
-    the real run. Returns fit()'s summary plus ``data`` (which data was used).
+    the real run. On a CPU it runs smaller (``_dry_run_cpu_settings``: micro-batch at most 2, at most
+    2 accumulated, every core, bf16 for fp16 where only bf16 is native) and says so. Returns fit()'s
+    summary plus ``data`` (which data was used), ``batch_size`` and ``cpu_adjustments``.
     """
+    import torch
+
     tc = cfg.train
     with tempfile.TemporaryDirectory(prefix="medcap-dry-run-") as tmp_name:
         tmp = Path(tmp_name)
@@ -1153,10 +1169,70 @@ def dry_run(cfg: RunConfig) -> dict[str, Any]:
             num_sample_captions=min(tc.num_sample_captions, 1),
             log_every=1,
         )
-        print(f"dry run: {cfg.model.name_or_path} with random weights, {tc.dry_run_steps} steps on {source}")
+        notes: list[str] = []
+        if tc.cpu or not torch.cuda.is_available():
+            model, train, notes = _dry_run_cpu_settings(model, train)
+        print(
+            f"dry run: {cfg.model.name_or_path} with random weights, {tc.dry_run_steps} steps of "
+            f"{train.grad_accum} micro-batch(es) of {train.batch_size} on {source}"
+        )
+        for note in notes:
+            print(f"  on this CPU: {note}")
         result = fit(dataclasses.replace(cfg, data=data, model=model, train=train))
         result["data"] = source
+        result["batch_size"] = train.batch_size
+        result["cpu_adjustments"] = notes
     return result
+
+
+def _dry_run_cpu_settings(
+    model: ModelConfig, train: TrainConfig
+) -> tuple[ModelConfig, TrainConfig, list[str]]:
+    """What a dry run changes on a CPU so that a GPU config's full-size model finishes in minutes.
+
+    The dry run checks that the config builds, trains (accumulation included), validates, captions
+    and checkpoints; memory is `medcap plan`'s question. Measured on 2 cores with native bf16, the
+    V100 config (6.7B fp16, batch 8 x 4 accumulated, checkpointing, 6 loader workers) took one torch
+    thread and 8 minutes for its first step; micro-batch 2 took 80 s each on the fp32 path.
+    Returns the changed settings and one line per change.
+    """
+    from medcap.model import cpu_has_native_half_matmul
+
+    notes = []
+    batch = train.dry_run_batch_size or min(train.batch_size, 2)
+    if batch != train.batch_size:
+        notes.append(
+            f"micro-batch {batch} instead of train.batch_size {train.batch_size} (set train.dry_run_batch_size to choose)"
+        )
+    accum = min(train.grad_accum, 2)  # two micro-batches still go through the accumulation path
+    if accum != train.grad_accum:
+        notes.append(
+            f"{accum} accumulated micro-batches a step instead of train.grad_accum {train.grad_accum}"
+        )
+    # fit() leaves a core to each loader worker (a GPU config asks for several); the dry run's loaders
+    # decode a handful of images, so the model gets every core of its process.
+    world = max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    threads = train.cpu_threads or max(1, (os.cpu_count() or 1) // world)
+    train = dataclasses.replace(
+        train,
+        batch_size=batch,
+        grad_accum=accum,
+        eval_batch_size=min(train.eval_batch_size or train.batch_size, batch),
+        cpu_threads=threads,
+    )
+    if (
+        model.precision == "fp16"
+        and model.quantization == "none"
+        and cpu_has_native_half_matmul("bf16")
+        and not cpu_has_native_half_matmul("fp16")
+    ):
+        # fp16 products run through fp32 here (model.cpu_fp32_matmul), bf16 natively (3-5x faster);
+        # random weights make fp16's numerics moot, and the config was checked as written on loading.
+        model = dataclasses.replace(model, precision="bf16")
+        if train.mixed_precision == "fp16":
+            train = dataclasses.replace(train, mixed_precision="bf16")
+        notes.append("bf16 instead of fp16 (this CPU multiplies bf16 natively, fp16 only through fp32)")
+    return model, train, notes
 
 
 def _dry_run_phantoms(tmp: Path, n: int, seed: int) -> Path:

@@ -221,12 +221,16 @@ def test_dry_run_on_phantoms_and_on_user_data(
     out = capsys.readouterr().out
     assert "6 phantom images" in out and "s/step" in out and "peak memory" in out
     assert "DRY RUN PASSED" in out
+    # On a CPU a GPU-sized micro-batch shrinks to 2, and the run says so.
+    assert "micro-batch(es) of 2 on" in out and "instead of train.batch_size 32" in out
     assert not (tmp_path / "absent").exists()
     # The user's data exists: its first rows are used, nothing is written next to it.
     before = sorted(p.name for p in prepared.rglob("*"))
-    assert cli(["--config", demo, "--dry-run", "--data.prepared", str(prepared), *small]) == 0
+    chosen = ["--train.dry_run_batch_size", "3"]
+    assert cli(["--config", demo, "--dry-run", "--data.prepared", str(prepared), *small, *chosen]) == 0
     out = capsys.readouterr().out
     assert f"first 6 rows of {prepared}" in out and "DRY RUN PASSED" in out
+    assert "micro-batch(es) of 3 on" in out
     assert sorted(p.name for p in prepared.rglob("*")) == before
     # A broken config fails in the dry run with the reason.
     assert (
@@ -250,3 +254,24 @@ def test_dry_run_on_phantoms_and_on_user_data(
     )
     err = capsys.readouterr().err
     assert "DRY RUN FAILED" in err and "no_such_module" in err
+
+
+def test_dry_run_on_a_cpu_runs_smaller_and_says_how() -> None:
+    import os
+
+    from medcap.model import ModelConfig, cpu_has_native_half_matmul
+    from medcap.train import TrainConfig, _dry_run_cpu_settings
+
+    gpu_model = ModelConfig(name_or_path="tiny", precision="fp16")
+    gpu_train = TrainConfig(batch_size=8, grad_accum=4, mixed_precision="fp16")
+    model, train, notes = _dry_run_cpu_settings(gpu_model, gpu_train)
+    assert (train.batch_size, train.grad_accum, train.eval_batch_size) == (2, 2, 2)
+    assert train.cpu_threads == max(1, (os.cpu_count() or 1) // int(os.environ.get("WORLD_SIZE", "1")))
+    # fp16 becomes bf16 exactly where this CPU multiplies bf16 natively and fp16 only through fp32.
+    switch = cpu_has_native_half_matmul("bf16") and not cpu_has_native_half_matmul("fp16")
+    assert (model.precision, train.mixed_precision) == (("bf16", "bf16") if switch else ("fp16", "fp16"))
+    assert len(notes) == 2 + switch and "train.batch_size 8" in notes[0] and "grad_accum 4" in notes[1]
+    # A config already CPU-sized, with its own thread count and batch choice, is left as it is.
+    small = TrainConfig(batch_size=4, grad_accum=1, cpu_threads=1, dry_run_batch_size=4)
+    model, train, notes = _dry_run_cpu_settings(ModelConfig(name_or_path="tiny"), small)
+    assert notes == [] and (train.batch_size, train.cpu_threads, model.precision) == (4, 1, "fp32")
