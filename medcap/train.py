@@ -1220,18 +1220,23 @@ def _dry_run_cpu_settings(
         eval_batch_size=min(train.eval_batch_size or train.batch_size, batch),
         cpu_threads=threads,
     )
-    if (
-        model.precision == "fp16"
-        and model.quantization == "none"
-        and cpu_has_native_half_matmul("bf16")
-        and not cpu_has_native_half_matmul("fp16")
-    ):
-        # fp16 products run through fp32 here (model.cpu_fp32_matmul), bf16 natively (3-5x faster);
-        # random weights make fp16's numerics moot, and the config was checked as written on loading.
-        model = dataclasses.replace(model, precision="bf16")
-        if train.mixed_precision == "fp16":
-            train = dataclasses.replace(train, mixed_precision="bf16")
-        notes.append("bf16 instead of fp16 (this CPU multiplies bf16 natively, fp16 only through fp32)")
+    # Half precision the CPU cannot multiply natively: bitsandbytes layers multiply in the compute
+    # dtype (measured: a 6.7B QLoRA fp16 micro-batch of 2 had not finished its backward after 7
+    # minutes), plain layers through fp32 (model.cpu_fp32_matmul, 3-5x slower than native bf16).
+    # Random weights make the half format's numerics moot; the config was checked as written.
+    compute = model.compute_dtype if model.compute_dtype != "auto" else model.precision
+    slow = {h for h in ("fp16", "bf16") if not cpu_has_native_half_matmul(h)}
+    if compute in slow and (model.quantization != "none" or "bf16" not in slow):
+        to = "bf16" if "bf16" not in slow else "fp32"  # fp32: only bnb layers lack the fp32 path
+        model = dataclasses.replace(
+            model,
+            precision=to if model.precision in slow else model.precision,
+            compute_dtype=to if model.compute_dtype in slow else model.compute_dtype,
+        )
+        if train.mixed_precision in slow:
+            train = dataclasses.replace(train, mixed_precision="bf16" if to == "bf16" else "no")
+        native = ", bf16 natively" if to == "bf16" else ""
+        notes.append(f"{to} instead of {compute} (this CPU multiplies {compute} only slowly{native})")
     return model, train, notes
 
 

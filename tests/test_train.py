@@ -271,6 +271,17 @@ def test_dry_run_on_a_cpu_runs_smaller_and_says_how() -> None:
     switch = cpu_has_native_half_matmul("bf16") and not cpu_has_native_half_matmul("fp16")
     assert (model.precision, train.mixed_precision) == (("bf16", "bf16") if switch else ("fp16", "fp16"))
     assert len(notes) == 2 + switch and "train.batch_size 8" in notes[0] and "grad_accum 4" in notes[1]
+    # bitsandbytes layers multiply in their compute dtype (no fp32 path): a slow half becomes bf16
+    # where that is native, else fp32.
+    qlora = ModelConfig(name_or_path="tiny", precision="fp16", quantization="4bit", compute_dtype="fp16")
+    model, train, _ = _dry_run_cpu_settings(qlora, gpu_train)
+    if cpu_has_native_half_matmul("fp16"):
+        expected = ("fp16", "fp16", "fp16")
+    elif cpu_has_native_half_matmul("bf16"):
+        expected = ("bf16", "bf16", "bf16")
+    else:
+        expected = ("fp32", "fp32", "no")
+    assert (model.precision, model.compute_dtype, train.mixed_precision) == expected
     # A config already CPU-sized, with its own thread count and batch choice, is left as it is.
     small = TrainConfig(batch_size=4, grad_accum=1, cpu_threads=1, dry_run_batch_size=4)
     model, train, notes = _dry_run_cpu_settings(ModelConfig(name_or_path="tiny"), small)
