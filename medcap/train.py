@@ -1160,6 +1160,7 @@ def dry_run(cfg: RunConfig) -> dict[str, Any]:
         model = dataclasses.replace(cfg.model, random_init=True)
         train = dataclasses.replace(
             tc,
+            batch_size=tc.dry_run_batch_size or tc.batch_size,
             out_dir=tmp / "run",
             max_steps=tc.dry_run_steps,
             eval_every=None,
