@@ -23,8 +23,11 @@ if str(REPO) not in sys.path:
 
 
 def machine_description() -> str:
-    """This machine in words for a results file: CPU model, cores, RAM and whether it has native bf16
-    (AVX512-BF16 / AMX), which decides the speed of every bf16 figure on a CPU by ~100x."""
+    """This machine in words for a results file: CPU model, cores, RAM, vector ISA and whether it
+    multiplies bf16 natively (``model.cpu_has_native_half_matmul``, what ``build_model`` decides by),
+    which changes every bf16 figure on a CPU by up to ~100x."""
+    from medcap.model import cpu_has_native_half_matmul
+
     model, flags = "unknown CPU", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -42,7 +45,7 @@ def machine_description() -> str:
     except (OSError, IndexError, ValueError):
         pass
     vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
-    bf16 = "AVX512-BF16" if "avx512_bf16" in flags else "AMX" if "amx_bf16" in flags else "no native bf16"
+    bf16 = "native bf16 products" if cpu_has_native_half_matmul("bf16") else "no native bf16"
     return f"{model}, {os.cpu_count()} cores{mem}, {vector}, {bf16}"
 
 

@@ -1132,7 +1132,7 @@ def dry_run(cfg: RunConfig) -> dict[str, Any]:
     Uses the first ``train.dry_run_images`` rows of the configured data when its manifests exist,
     otherwise a small phantom dataset generated into a temporary folder. Nothing is written next to
     the real run. On a CPU it runs smaller (``_dry_run_cpu_settings``: micro-batch at most 2, at most
-    2 accumulated, every core, bf16 for fp16 where only bf16 is native) and says so. Returns fit()'s
+    2 accumulated, every core, no half precision the CPU multiplies only slowly) and says so. Returns fit()'s
     summary plus ``data`` (which data was used), ``batch_size`` and ``cpu_adjustments``.
     """
     import torch
