@@ -264,6 +264,20 @@ class CaptionDataset:
         return image, row.caption
 
 
+class _PassBatches:
+    """The batch sampler of fit()'s long-lived loaders: the batches of the next pass (an epoch's
+    remaining batches, or the validation batches), set before each pass."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 def epoch_batches(
     lengths: Sequence[int], global_batch: int, seed: int, epoch: int, bucket: bool
 ) -> list[list[int]]:
@@ -807,18 +821,27 @@ def fit(cfg: RunConfig) -> dict[str, Any]:
         f"mixed precision {tc.mixed_precision}"
     )
 
-    def loader(indices: list[list[int]], dataset: Any, epoch: int) -> Iterator[dict[str, Any]]:
-        # A private generator: creating a DataLoader iterator must not draw from the global torch
-        # RNG, or a resumed run (which creates one mid-epoch) would see other dropout masks.
-        gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + epoch)
-        dl = DataLoader(
-            dataset,
-            batch_sampler=indices,
-            collate_fn=collate,
-            num_workers=cfg.data.num_workers,
-            generator=gen,
-            pin_memory=device.type == "cuda",
-        )
+    # One DataLoader per dataset for the whole run, its batches replaced before each pass: with
+    # workers, the same processes serve every epoch and every validation instead of a fork and a
+    # warm-up each time (0.16 s a pass measured on 2 cores, ~66 passes in the demo). The decoding
+    # draws no random numbers, so worker seeds do not matter.
+    loaders: dict[int, Any] = {}
+
+    def loader(indices: list[list[int]], dataset: Any) -> Iterator[dict[str, Any]]:
+        dl = loaders.get(id(dataset))
+        if dl is None:
+            dl = loaders[id(dataset)] = DataLoader(
+                dataset,
+                batch_sampler=_PassBatches(),
+                collate_fn=collate,
+                num_workers=cfg.data.num_workers,
+                persistent_workers=cfg.data.num_workers > 0,
+                # A private generator: starting a pass must not draw from the global torch RNG,
+                # or a resumed run (which starts one mid-epoch) would see other dropout masks.
+                generator=torch.Generator().manual_seed(tc.seed * 1_000_003),
+                pin_memory=device.type == "cuda",
+            )
+        dl.batch_sampler.batches = indices
         for batch in dl:
             yield {k: (v.to(device, non_blocking=True) if hasattr(v, "to") else v) for k, v in batch.items()}
 
@@ -828,7 +851,7 @@ def fit(cfg: RunConfig) -> dict[str, Any]:
         net.eval()
         total = torch.zeros(2, dtype=torch.float64, device=device)
         with torch.no_grad(), accelerator.autocast():
-            for batch in loader(my_eval_batches, valid_ds, 0):
+            for batch in loader(my_eval_batches, valid_ds):
                 total[0] += _batch_loss(net, batch, decoder_only, features).double()
                 total[1] += label_token_count(batch["labels"], decoder_only)
         total = accelerator.reduce(total, "sum")
@@ -941,7 +964,7 @@ def fit(cfg: RunConfig) -> dict[str, Any]:
     while not stop:
         batches = epoch_batches(train_len, global_batch, tc.seed, progress.epoch, tc.bucket_by_length)
         mine = [b[rank * tc.batch_size : (rank + 1) * tc.batch_size] for b in batches]
-        it = loader(mine[progress.batch_in_epoch :], train_ds, progress.epoch)
+        it = loader(mine[progress.batch_in_epoch :], train_ds)
         while progress.batch_in_epoch < len(batches) and not stop:
             t_step = time.perf_counter()
             n_micro = min(tc.grad_accum, len(batches) - progress.batch_in_epoch)
@@ -1045,6 +1068,10 @@ def fit(cfg: RunConfig) -> dict[str, Any]:
                 break  # the next epoch has its own batch order
     bar.close()
     log.close()
+    # Persistent workers end with their loaders; without this they would live on (idle, holding
+    # memory) for as long as anything refers to this frame, e.g. while `medcap run` predicts.
+    it = None
+    loaders.clear()
 
     timed = step_times[1:] or step_times
     result = _metrics(progress)

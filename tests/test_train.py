@@ -164,6 +164,42 @@ def test_query_cache_trains_with_the_losses_of_the_normal_path(tmp_path: Path) -
         assert float(ra["loss"]) == pytest.approx(float(rb["loss"]), abs=5e-3)
 
 
+def test_loader_workers_serve_the_whole_run_and_end_with_it(
+    prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With data.num_workers > 0, fit() starts worker processes once per dataset (training and
+    validation), not again for every epoch and every validation; they end with the run; and the
+    losses are those of loading in the main process (the private loader generator leaves the
+    global RNG, and so the dropout masks, alone)."""
+    import multiprocessing
+
+    import torch.utils.data as tud
+
+    passes: list[int] = []
+
+    class CountingLoader(tud.DataLoader):  # torch's own loader, counting the iterators it starts
+        def _get_iterator(self):
+            passes.append(self.num_workers)
+            return super()._get_iterator()
+
+    monkeypatch.setattr(tud, "DataLoader", CountingLoader)
+    # 3 epochs of 4 steps, validations at steps 3, 4, 6, 8, 9, 12: inside and at the end of epochs.
+    common = {"epochs": 3, "eval_every": 3}
+    fit(load_run_config(None, tiny_overrides(prepared, tmp_path / "main", **common)))
+    assert len(passes) == 3 + 6  # in the main process every pass builds its iterator
+    passes.clear()
+    fit(
+        load_run_config(
+            None, tiny_overrides(prepared, tmp_path / "workers", **common, **{"data.num_workers": 1})
+        )
+    )
+    assert passes == [1, 1], "one pool of workers for training, one for validation"
+    assert multiprocessing.active_children() == []
+    a, b = _log(tmp_path / "main"), _log(tmp_path / "workers")
+    assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+
+
 def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path) -> None:
     """Two micro-batches of 4 accumulate to the gradient of one batch of 8: the step's loss is the
     token-weighted mean over all its micro-batches, not a mean of means. Dropout is off (a local
