@@ -852,6 +852,21 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+def import_backends() -> None:
+    """Import transformers and peft (and through it bitsandbytes), in a frame that holds no model.
+
+    Their first import raises and catches optional imports, and bitsandbytes logs one of them with
+    the exception as an argument. That exception's traceback keeps alive every frame that was on
+    the stack, with the locals each frame has when it returns, for as long as anything keeps the
+    exception: a log handler that stores records (pytest's does) or a reference cycle waiting for
+    the collector. Measured: a function that imported peft and then built a model kept that model
+    alive after ``del`` (benchmarks/gpu_bench.py's stale_before_build_gib). So the callers that
+    build models import here first, in a thin frame.
+    """
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+
+
 def build_model(cfg: ModelConfig, verbose: bool = True, meta: bool = False):
     """Build the BLIP-2 model and its processor as ``cfg`` says, with PEFT and trainable flags applied.
 
@@ -862,9 +877,11 @@ def build_model(cfg: ModelConfig, verbose: bool = True, meta: bool = False):
     ``meta=True`` builds on the meta device from the tiny, shipped or local config: shapes only, no
     memory and no weights, for parameter counts and memory planning (quantization is not applied).
     """
-    import peft  # noqa: F401 - imported before the clock starts: the build time excludes imports
-    import transformers  # noqa: F401
+    import_backends()  # before the clock starts (the build time excludes imports), see there for why here
+    return _build_model(cfg, verbose, meta)
 
+
+def _build_model(cfg: ModelConfig, verbose: bool, meta: bool):
     start = time.perf_counter()
     family = resolve_family(cfg)
     if meta and cfg.quantization != "none":

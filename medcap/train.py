@@ -686,6 +686,14 @@ def fit(cfg: RunConfig) -> dict[str, Any]:
     start (missing data, a checkpoint in the way, a resume mismatch) or cannot go on (non-finite
     losses in a row).
     """
+    from medcap.model import import_backends
+
+    # Here, not in the frame that holds the model, optimizer and loaders: see import_backends.
+    import_backends()
+    return _fit(cfg)
+
+
+def _fit(cfg: RunConfig) -> dict[str, Any]:
     import torch
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed

@@ -45,9 +45,27 @@ def test_cpu_tiny_path_runs(gpu_bench, tmp_path, capsys):
     code = gpu_bench.main(["--device", "cpu", "--model", "tiny", "--steps", "1", "--out", str(tmp_path)])
     out = json.loads((tmp_path / "gpu_bench.json").read_text())
     assert code == 0, out
-    loops = {r["loop"] for r in out["results"]}
-    assert loops == {"ours", "cached"}
+    assert {(r["weights"], r["loop"]) for r in out["results"]} == {
+        ("bf16", "ours"),
+        ("bf16", "cached"),
+        ("4bit", "ours"),
+        ("8bit-fp16", "naive"),
+    }
     for r in out["results"]:
         assert r["samples_per_s"] > 0 and r["model_tflop_per_sample"] > 0
+        # Each group's model is built with no earlier one alive (the GPU runs' inflated 8-bit peak).
+        assert r["stale_before_build_gib"] == 0, r["case"]
     assert "bf16 matmul" in capsys.readouterr().out
+    sys.modules.pop("gpu_bench", None)
+
+
+def test_stale_model_check_sees_a_model_still_alive(gpu_bench):
+    """The check behind stale_before_build_gib: a BLIP-2 model someone still holds is counted."""
+    from medcap.model import ModelConfig, PeftSettings, build_model
+
+    model, _ = build_model(ModelConfig(name_or_path="tiny", peft=PeftSettings(method="none")), verbose=False)
+    held = gpu_bench._free_previous_model("cpu")
+    assert held == sum(p.numel() * p.element_size() for p in model.parameters()) > 0
+    del model
+    assert gpu_bench._free_previous_model("cpu") == 0
     sys.modules.pop("gpu_bench", None)
