@@ -741,30 +741,17 @@ def test_image_side_reads_the_processor_size_in_every_form():
     assert image_side(SimpleNamespace(size={"longest_edge": 512})) is None
 
 
-_FIRST_BUILD = """
-import gc, logging, sys
-records = []
-class Keep(logging.Handler):  # stores every record, as pytest's log capture does
-    def emit(self, record):
-        records.append(record)
-logging.getLogger().addHandler(Keep())
-from transformers import Blip2ForConditionalGeneration
-from medcap.model import ModelConfig, PeftSettings, build_model
-assert "peft" not in sys.modules and "bitsandbytes" not in sys.modules  # the build imports them first
-model, processor = build_model(ModelConfig(name_or_path="tiny", peft=PeftSettings(method="lora")), verbose=False)
-del model, processor
-gc.collect()
-alive = [o for o in gc.get_objects() if isinstance(o, Blip2ForConditionalGeneration)]
-print(len(records), "records kept,", len(alive), "models alive")
-sys.exit(1 if alive else 0)
-"""
-
-
 def test_first_build_in_a_process_leaves_no_model_behind():
     """The first build imports peft and bitsandbytes, which log an exception; a handler that keeps
     the record (and so that exception's frames) must not keep the model: see import_backends."""
-    import subprocess
-    import sys
+    from train_fixtures import assert_no_model_left
 
-    done = subprocess.run([sys.executable, "-c", _FIRST_BUILD], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+    assert_no_model_left(
+        """
+        from medcap.model import ModelConfig, PeftSettings, build_model
+        assert "peft" not in sys.modules and "bitsandbytes" not in sys.modules  # the build imports them
+        cfg = ModelConfig(name_or_path="tiny", peft=PeftSettings(method="lora"))
+        model, processor = build_model(cfg, verbose=False)
+        del model, processor
+        """
+    )

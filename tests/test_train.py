@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_fixtures import dropout_free_tiny, make_prepared, one_thread, tiny_overrides
+from train_fixtures import assert_no_model_left, dropout_free_tiny, make_prepared, one_thread, tiny_overrides
 
 import medcap.train as train_module
 from medcap.config import save_config
@@ -324,33 +324,16 @@ def test_dry_run_on_a_cpu_runs_smaller_and_says_how() -> None:
     assert notes == [] and (train.batch_size, train.cpu_threads, model.precision) == (4, 1, "fp32")
 
 
-_FIRST_FIT = """
-import gc, logging, sys
-from pathlib import Path
-records = []
-class Keep(logging.Handler):  # stores every record, as pytest's log capture does
-    def emit(self, record):
-        records.append(record)
-logging.getLogger().addHandler(Keep())
-sys.path.insert(0, {tests!r})
-from train_fixtures import make_prepared, tiny_overrides
-from transformers import Blip2ForConditionalGeneration
-from medcap.train import fit, load_run_config
-tmp = Path({tmp!r})
-fit(load_run_config(None, tiny_overrides(make_prepared(tmp / "prep", 8, 4), tmp / "run", max_steps=1)))
-gc.collect()
-alive = [o for o in gc.get_objects() if isinstance(o, Blip2ForConditionalGeneration)]
-print(len(records), "records kept,", len(alive), "models alive")
-sys.exit(1 if alive else 0)
-"""
-
-
 def test_a_finished_fit_leaves_no_model_behind(tmp_path: Path) -> None:
     """fit() in a fresh process imports peft and bitsandbytes first; a log handler that keeps their
     record (and so the frames of its exception) must not keep the trained model alive, or
     `medcap run` would predict beside it (see model.import_backends)."""
-    import subprocess
-
-    script = _FIRST_FIT.format(tests=str(Path(__file__).parent), tmp=str(tmp_path))
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert_no_model_left(
+        f"""
+        from pathlib import Path
+        from train_fixtures import make_prepared, tiny_overrides
+        from medcap.train import fit, load_run_config
+        tmp = Path({str(tmp_path)!r})
+        fit(load_run_config(None, tiny_overrides(make_prepared(tmp / "prep", 8, 4), tmp / "run", max_steps=1)))
+        """
+    )

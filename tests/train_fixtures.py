@@ -110,3 +110,32 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+_NO_MODEL_LEFT = """
+import gc, logging, sys
+sys.path.insert(0, {tests!r})
+records = []
+class Keep(logging.Handler):  # stores every record, as pytest's log capture does
+    def emit(self, record):
+        records.append(record)
+logging.getLogger().addHandler(Keep())
+{body}
+from transformers import Blip2ForConditionalGeneration
+gc.collect()
+alive = [o for o in gc.get_objects() if isinstance(o, Blip2ForConditionalGeneration)]
+print(len(records), "records kept,", len(alive), "models alive")
+sys.exit(1 if alive else 0)
+"""
+
+
+def assert_no_model_left(body: str) -> None:
+    """Run ``body`` in a fresh interpreter whose log handler keeps every record, then assert that no
+    BLIP-2 model is alive: what kept the first model of a process alive (model.import_backends)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = _NO_MODEL_LEFT.format(tests=str(Path(__file__).parent), body=textwrap.dedent(body))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
