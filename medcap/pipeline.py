@@ -49,9 +49,10 @@ def _release_memory() -> None:
     """Free what a finished stage left in reference cycles before the next stage loads its model.
 
     Objects in cycles wait for Python's cyclic collector, which runs when unrelated allocations say
-    so: benchmarks/gpu_bench.py measured, on an H100 and an H200, an earlier model's 3.6 GiB of
-    weights still allocated while the next model trained in the same process. On a GPU, predict
-    loading next to a lingering training model would need twice the memory.
+    so. benchmarks/gpu_bench.py measured, on an H100 and an H200, 3.6 GiB too much allocated while a
+    model trained, the size of the model built before it in the same process (one way a model
+    outlived its stage is closed at the root: model.import_backends). On a GPU, predict loading
+    next to a lingering training model would need twice the memory.
     """
     import gc
     import sys
