@@ -5,7 +5,7 @@
     flock /tmp/medcap-fullsize.lock .venv/bin/python benchmarks/bench_caption.py \\
         --model Salesforce/blip2-opt-2.7b --precision bf16 --images 8 --batch-size 8 --max-new-tokens 10
 
-Both loops call ``medcap.generate.caption_images`` on the same pre-decoded images (ROCOv2-like
+Both loops call ``medcap.infer.generate.caption_images`` on the same pre-decoded images (ROCOv2-like
 sizes, so the processor's resize is part of the work) with greedy decoding and a fixed caption length
 (``min_new_tokens == max_new_tokens``): random weights would otherwise stop at different points and
 the loops would do different amounts of work. Prints images per second for each, the ratio, and
@@ -36,8 +36,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from medcap.generate import GenerateConfig, caption_images
-from medcap.model import TINY_NAMES, ModelConfig, PeftSettings, build_model
+from medcap.config.generate import GenerateConfig
+from medcap.config.model import ModelConfig, PeftSettings
+from medcap.infer.generate import caption_images
+from medcap.model.build import build_model
+from medcap.model.families import FAMILIES
 
 
 def make_images(n: int, seed: int) -> list[Image.Image]:
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tiny = args.model in TINY_NAMES
+    tiny = any(args.model in f.tiny_names for f in FAMILIES)
     precision = args.precision or ("fp32" if tiny else "bf16")
 
     t0 = time.perf_counter()

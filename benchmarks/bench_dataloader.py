@@ -6,7 +6,7 @@
    (``data.load_image`` without ``min_size``: the baseline) in DataLoader worker processes,
    ``CaptionCollator`` (the processor resizes to 224 and normalises; tokens, labels) over
    length-bucketed batches (``train.epoch_batches``), on phantom JPEGs of ROCOv2-like sizes (500-1000
-   px a side). A second run decodes with ``data.load_image(path, min_size=224)``: Pillow's JPEG draft
+   px a side). A second run decodes with ``data.read_image(path, min_size=224)``: Pillow's JPEG draft
    mode (the decoder scales by 1/2, 1/4 or 1/8 while decoding, to no less than the model's input
    size), which is what ``fit()`` does (``min_size=model.image_side(processor)``). Both are also timed
    in CPU time per image in one process (robust to a shared, loaded box).
@@ -32,11 +32,12 @@ from pathlib import Path
 
 from benchdata import SHARED_VALID_CAPTIONS, machine_description, phantom_pairs, real_captions
 
-from medcap.data import ManifestRow, load_image
+from medcap.data.images import read_image
+from medcap.data.manifest import ManifestRow
 
 
 class DraftDataset:
-    """``train.CaptionDataset`` decoding with ``data.load_image(path, min_size=size)``: Pillow's JPEG
+    """``train.CaptionDataset`` decoding with ``data.read_image(path, min_size=size)``: Pillow's JPEG
     draft mode (the largest 1/2-1/8 reduction that keeps both sides >= the model's input size),
     then the same mode conversions. What ``CaptionDataset`` does once it passes the model's size."""
 
@@ -49,7 +50,7 @@ class DraftDataset:
 
     def __getitem__(self, i: int):
         row = self.rows[i]
-        return load_image(row.image, min_size=self.size), row.caption
+        return read_image(row.image, min_size=self.size), row.caption
 
 
 def cpu_ms_per_image(rows: list[ManifestRow], collator, min_size: int | None, batch: int) -> float:
@@ -57,7 +58,7 @@ def cpu_ms_per_image(rows: list[ManifestRow], collator, min_size: int | None, ba
     t0 = time.process_time()
     for k in range(0, len(rows), batch):
         chunk = rows[k : k + batch]
-        collator([(load_image(r.image, min_size=min_size), r.caption) for r in chunk])
+        collator([(read_image(r.image, min_size=min_size), r.caption) for r in chunk])
     return 1e3 * (time.process_time() - t0) / len(rows)
 
 
@@ -86,7 +87,7 @@ def pass_start_seconds(dataset, collator, batches, workers: int, passes: int) ->
     pass (which starts the workers) is left out of its mean, as it is paid once per run."""
     from torch.utils.data import DataLoader
 
-    from medcap.train import _PassBatches
+    from medcap.train.batches import PassBatches as _PassBatches
 
     head = batches[:3]
 
@@ -118,8 +119,9 @@ def pass_start_seconds(dataset, collator, batches, workers: int, passes: int) ->
 def gpu_consumption() -> list[dict]:
     """Images/s the planner expects a T4 pair (QLoRA) and an A100-80 (bf16 LoRA) to train at."""
     from medcap import plan as plan_lib
-    from medcap.model import ModelConfig, PeftSettings
-    from medcap.train import RunConfig, TrainConfig
+    from medcap.config.model import ModelConfig, PeftSettings
+    from medcap.config.run import RunConfig
+    from medcap.config.train import TrainConfig
 
     lora = PeftSettings(method="lora", r=16, alpha=32, dropout=0.05, targets="lm-qv")
     cases = [
@@ -162,13 +164,13 @@ def gpu_consumption() -> list[dict]:
 
 def padding_waste(batch_size: int, cap: int, seed: int) -> dict:
     """Pad tokens / all tokens with and without bucketing on the real ROCOv2 valid captions."""
-    from medcap.model import offline_tokenizer
-    from medcap.train import epoch_batches
+    from medcap.model.tokenizer import offline_tokenizer
+    from medcap.train.batches import epoch_batches
 
     caps = real_captions()
     if not caps:
         return {"skipped": f"{SHARED_VALID_CAPTIONS} not found"}
-    tok = offline_tokenizer("blip2-opt")
+    tok = offline_tokenizer("bos-first")
     prefix = 32 + 1  # image tokens + BOS (no prompt)
     lengths = [prefix + min(len(x), cap) + 1 for x in tok(caps, add_special_tokens=False)["input_ids"]]
     out = {"captions": len(caps), "batch_size": batch_size, "caption_cap": cap}
@@ -195,8 +197,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from medcap.model import CaptionCollator, ModelConfig, build_model
-    from medcap.train import CaptionDataset, epoch_batches
+    from medcap.config.model import ModelConfig
+    from medcap.model.build import build_model
+    from medcap.train.batches import CaptionDataset, epoch_batches
 
     torch.set_num_threads(1)
     results: dict = {"machine": machine_description(), "workers": args.workers}
@@ -206,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         # The full-size models' processor resizes to 224 px with CLIP normalisation; the tiny model's
         # processor at image_size 224 is the same code with the same settings (and needs no hub).
         cfg = ModelConfig(name_or_path="tiny", image_size=224)
-        _, processor = build_model(cfg, verbose=False)
-        collator = CaptionCollator(processor, cfg, max_length=8 + 1 + args.cap + 1)
+        model, processor = build_model(cfg, verbose=False)
+        collator = model.medcap_family.collator(processor, cfg, args.cap)
         lengths = [
             len(x) for x in processor.tokenizer([c for _, c in pairs], add_special_tokens=False)["input_ids"]
         ]

@@ -51,7 +51,7 @@ SCALED = {
 
 def write_config(folder: Path) -> Path:
     """The scaled-down BLIP2-OPT config.json (from the shipped 6.7B one)."""
-    from medcap.model import MODEL_CONFIGS_DIR
+    from medcap.model.tokenizer import ASSETS_DIR as MODEL_CONFIGS_DIR
 
     d = json.loads((MODEL_CONFIGS_DIR / "blip2-opt-6.7b" / "config.json").read_text())
     for section, values in SCALED.items():
@@ -76,10 +76,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from medcap import features
-    from medcap.data import ManifestRow, load_image
-    from medcap.model import CaptionCollator, ModelConfig, PeftSettings, build_model
-    from medcap.train import epoch_batches, label_token_count, token_loss_sum
+    from medcap.config.model import ModelConfig, PeftSettings
+    from medcap.data.images import read_image
+    from medcap.data.manifest import ManifestRow
+    from medcap.model.build import build_model
+    from medcap.train import query_cache as features
+    from medcap.train.batches import epoch_batches
+    from medcap.train.loss import label_token_count, token_loss_sum
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="medcap-bench-features-") as tmp:
@@ -94,8 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         torch.manual_seed(args.seed)
         model, processor = build_model(cfg, verbose=True)
-        probe = CaptionCollator(processor, cfg, max_length=1 << 20)
-        collator = CaptionCollator(processor, cfg, max_length=len(probe.prompt_ids) + args.cap + 1)
+        collator = model.medcap_family.collator(processor, cfg, args.cap)
         lengths = [
             len(x)
             for x in processor.tokenizer([r.caption for r in rows], add_special_tokens=False)["input_ids"]
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             for idx in epoch_batches(lengths, args.batch_size, args.seed, e, bucket=True):
                 if cached_ds is None:
-                    step(collator([(load_image(rows[i].image), rows[i].caption) for i in idx]))
+                    step(collator([(read_image(rows[i].image), rows[i].caption) for i in idx]))
                 else:
                     step(cached_ds.collate([cached_ds[i] for i in idx]))
             return time.perf_counter() - t0

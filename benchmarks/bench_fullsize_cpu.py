@@ -59,7 +59,7 @@ def kernel_check(hidden: int, rows: int, threads: int) -> dict:
     """
     import torch
 
-    from medcap.model import CpuFp32Linear
+    from medcap.model.cpu import CpuFp32Linear
 
     torch.set_num_threads(threads)
     out = {"hidden": hidden, "rows": rows}
@@ -89,7 +89,8 @@ def build(model_name: str, cap: int, seed: int, model_override: str | None = Non
     """The random-weight bf16 model with LoRA q,v r=16, its processor and our collator."""
     import torch
 
-    from medcap.model import CaptionCollator, ModelConfig, PeftSettings, build_model
+    from medcap.config.model import ModelConfig, PeftSettings
+    from medcap.model.build import build_model
 
     cfg = ModelConfig(
         name_or_path=model_override or MODELS[model_name],
@@ -101,20 +102,19 @@ def build(model_name: str, cap: int, seed: int, model_override: str | None = Non
     )
     torch.manual_seed(seed)
     model, processor = build_model(cfg, verbose=True)
-    probe = CaptionCollator(processor, cfg, max_length=1 << 20)
-    collator = CaptionCollator(processor, cfg, max_length=len(probe.prompt_ids) + cap + 1)
+    collator = model.medcap_family.collator(processor, cfg, cap)
     return model, processor, collator, cfg
 
 
 def _load(pairs, idx):
-    from medcap.data import load_image
+    from medcap.data.images import read_image
 
-    return [(load_image(pairs[i][0]), pairs[i][1]) for i in idx]
+    return [(read_image(pairs[i][0]), pairs[i][1]) for i in idx]
 
 
 def our_step(model, collator, batch_pairs) -> tuple[float, int]:
     """One step of our path; returns (loss, padded tokens in the batch)."""
-    from medcap.train import label_token_count, token_loss_sum
+    from medcap.train.loss import label_token_count, token_loss_sum
 
     batch = collator(batch_pairs)
     labels = batch.pop("labels")
@@ -140,7 +140,7 @@ def naive_step(model, collator, batch_pairs, max_len: int, pad_id: int) -> tuple
 
 
 def cached_step_fn(model, collator, pairs, batches):
-    """Our path from cached query embeddings (``medcap.features``, ``train.query_cache``).
+    """Our path from cached query embeddings (``medcap.train.query_cache``, ``train.query_cache``).
 
     The Q-Former outputs of the batches' images are computed once (the first epoch's cost, timed per
     image and returned), with the collated text; the step then trains the language model from them
@@ -148,8 +148,8 @@ def cached_step_fn(model, collator, pairs, batches):
     """
     import torch
 
-    from medcap import features
-    from medcap.train import label_token_count, token_loss_sum
+    from medcap.train import query_cache as features
+    from medcap.train.loss import label_token_count, token_loss_sum
 
     cache = {}
     t0 = time.perf_counter()
@@ -230,8 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from medcap import plan as plan_lib
-    from medcap.model import cpu_has_native_half_matmul
-    from medcap.train import epoch_batches
+    from medcap.model.cpu import cpu_has_native_half_matmul
+    from medcap.train.batches import epoch_batches
 
     torch.set_num_threads(args.threads)
     native = cpu_has_native_half_matmul("bf16")
@@ -282,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
             r = run_loop(
                 "ours@cap", model, optimizer, lambda bp: our_step(model, collator, bp), batches, pairs
             )
-            from medcap.train import RunConfig, TrainConfig
+            from medcap.config.run import RunConfig
+            from medcap.config.train import TrainConfig
 
             run_cfg = RunConfig(
                 model=cfg, train=TrainConfig(batch_size=args.batch_size, max_caption_tokens=args.cap)
@@ -332,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             results.update(naive=naive, ours=ours, speedup=ratio)
             loops = [naive, ours]
             if not args.no_cache_loop:
-                from medcap import features
+                from medcap.train import query_cache as features
 
                 step, per_image = cached_step_fn(model, collator, pairs, ours_batches)
                 freed = features.strip_vision(model)  # what the cached path never needs in memory

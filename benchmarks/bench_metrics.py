@@ -25,7 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from medcap.metrics import BertScoreExact, MetricsConfig, preprocess, score_captions  # noqa: E402
+from medcap.eval.bertscore import BertScoreExact  # noqa: E402
+from medcap.eval.metrics import MetricsConfig, preprocess, score_captions  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 VALID_CAPTIONS = SHARED / "data" / "rocov2-valid" / "valid_captions.csv"

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from medcap.data import prepare_dataset
+from medcap.data.prepare import prepare_dataset
 
 # Grain calibrated so that files average about 75 KB, like the real release (about 6 GB for
 # 79,789 JPEGs); decode cost grows with the compressed size, so this matters for the ratios.

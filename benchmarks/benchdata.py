@@ -26,7 +26,7 @@ def machine_description() -> str:
     """This machine in words for a results file: CPU model, cores, RAM, vector ISA and whether it
     multiplies bf16 natively (``model.cpu_has_native_half_matmul``, what ``build_model`` decides by),
     which changes every bf16 figure on a CPU by up to ~100x."""
-    from medcap.model import cpu_has_native_half_matmul
+    from medcap.model.cpu import cpu_has_native_half_matmul
 
     model, flags = "unknown CPU", set()
     try:
@@ -64,7 +64,7 @@ def phantom_pairs(root: Path, n: int, seed: int = 0, size_range: tuple[int, int]
 
     Returns ``(pairs, source)`` where ``source`` says where the captions came from.
     """
-    from medcap.phantoms import make_phantoms
+    from medcap.data.phantoms import make_phantoms
 
     make_phantoms(root, n=n, seed=seed, size_range=size_range, splits=(1.0, 0.0, 0.0), progress=False)
     images = sorted((root / "train").glob("*.jpg"))[:n]

@@ -35,7 +35,7 @@ What it does, all in one process on random weights (``random_init``: the shipped
    prediction for the same case;
 4. the naive baseline of the common BLIP-2 PEFT notebook: batch 3, 8-bit weights with fp16, every
    sequence padded to the maximum length, labels = input_ids (pads in the loss);
-5. the cached-query path (``medcap.features``): query outputs computed once, the vision tower freed,
+5. the cached-query path (``medcap.train.query_cache``): query outputs computed once, the vision tower freed,
    the same steps from the cache: the per-epoch speed-up from the second epoch on;
 
 and writes everything to ``OUT/gpu_bench.json``. ``--quick`` keeps the whole run short (81 s with ``--steps 6`` on an H200);
@@ -129,12 +129,12 @@ def write_lengths(csv_path: Path) -> Path:
     """Histogram of caption token lengths (shipped offline BPE) of the real ROCOv2 valid captions."""
     import csv
 
-    from medcap.model import offline_tokenizer
+    from medcap.model.tokenizer import offline_tokenizer
 
     with csv_path.open(newline="", encoding="utf-8") as f:
         caps = [" ".join(r["Caption"].split()) for r in csv.DictReader(f)]
     caps = [c for c in caps if c]
-    tok = offline_tokenizer("blip2-opt")
+    tok = offline_tokenizer("bos-first")
     hist: dict[int, int] = {}
     for ids in tok(caps, add_special_tokens=False)["input_ids"]:
         hist[len(ids)] = hist.get(len(ids), 0) + 1
@@ -174,7 +174,8 @@ def caption_of_tokens(tokenizer, n: int) -> str:
 
 def save_random_base(model_name: str, folder: Path) -> None:
     """Build the random bf16 architecture once (no PEFT) and save it with its processor."""
-    from medcap.model import ModelConfig, PeftSettings, build_model
+    from medcap.config.model import ModelConfig, PeftSettings
+    from medcap.model.build import build_model
 
     cfg = ModelConfig(
         name_or_path=MODELS[model_name], random_init=True, precision="bf16", peft=PeftSettings(method="none")
@@ -186,7 +187,7 @@ def save_random_base(model_name: str, folder: Path) -> None:
 
 
 def model_config(source: str, weights: str, ckpt: bool):
-    from medcap.model import ModelConfig, PeftSettings
+    from medcap.config.model import ModelConfig, PeftSettings
 
     lora = PeftSettings(method="lora", r=16, alpha=32, dropout=0.05, targets="lm-qv")
     tiny = source == "tiny"
@@ -208,7 +209,7 @@ def model_config(source: str, weights: str, ckpt: bool):
 
 
 def set_checkpointing(model, on: bool) -> None:
-    from medcap.features import _unwrap
+    from medcap.model.adapters import unwrap as _unwrap
 
     inner = _unwrap(model)
     if on:
@@ -258,7 +259,7 @@ def make_batches(
     """
     from PIL import Image
 
-    from medcap.train import epoch_batches
+    from medcap.train.batches import epoch_batches
 
     n = batch * steps
     pool = lengths[: n * 4] if loop != "naive" else lengths[:n]
@@ -289,19 +290,15 @@ def run_case(
     """Train ``warmup + steps`` steps of ``case``; returns the measurements."""
     import torch
 
-    from medcap import features
     from medcap import plan as plan_lib
-    from medcap.model import CaptionCollator
-    from medcap.train import label_token_count, token_loss_sum
+    from medcap.plan.memory import memory_for_batch, trainable_parameters, weight_bytes
+    from medcap.train import query_cache as features
+    from medcap.train.loss import label_token_count, token_loss_sum
 
-    probe = CaptionCollator(processor, model_cfg, max_length=1 << 20)
-    prefix = len(probe.prompt_ids)
-    collator = CaptionCollator(
-        processor,
-        model_cfg,
-        max_length=prefix + cap + 1,
-        pad_to_multiple_of=8 if case.pad8 and case.loop != "naive" else 1,
+    collator = model.medcap_family.collator(
+        processor, model_cfg, cap, pad_to_multiple_of=8 if case.pad8 and case.loop != "naive" else 1
     )
+    prefix = len(collator.prompt_ids)
     tok = processor.tokenizer
     batches = make_batches(collator, tok, lengths, case.batch, warmup + steps, seed, case.loop, cap)
     dtype = torch.bfloat16 if model_cfg.precision == "bf16" else torch.float16
@@ -381,12 +378,12 @@ def run_case(
     samples = case.batch * steps
     sps = samples / seconds
     # Model FLOPs per sample at the mean REAL length (padding is waste, not useful work).
-    meta, family = plan_lib.meta_model(replace(model_cfg, name_or_path=model_cfg.name_or_path))
-    dims = plan_lib._dims(meta, family)
-    trainable = plan_lib.trainable_parameters(meta, model_cfg, family)
+    meta, family = plan_lib.meta_model(model_cfg)
+    plan_spec = family.plan_spec(meta)
+    trainable = trainable_parameters(meta, model_cfg, family)
     mean_len = real_tokens / samples
-    flops = plan_lib.train_flops_per_sample(dims, trainable, model_cfg, mean_len)
-    model_flops = flops.model - (flops.vision_fwd + flops.qformer_fwd if case.loop == "cached" else 0)
+    flops = plan_spec.flops(trainable, model_cfg, mean_len)
+    model_flops = flops.model - (flops.vision_fwd + flops.connector_fwd if case.loop == "cached" else 0)
     mfu = model_flops * sps / (bf16_tflops * 1e12)
     result = {
         "case": case.name,
@@ -413,12 +410,12 @@ def run_case(
         result["allocated_at_start_gib"] = at_start / 2**30
         result["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
         spec = plan_lib.GPUS["h100"]
-        mem = plan_lib.memory_for_batch(
+        mem = memory_for_batch(
             case.batch,
             max_len,
-            dims,
+            plan_spec,
             trainable,
-            *plan_lib.weight_bytes(meta, model_cfg),
+            *weight_bytes(meta, model_cfg, family),
             replace(model_cfg, gradient_checkpointing=case.ckpt),
             "adamw",
             mixed,
@@ -488,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         info["transformers"] = transformers.__version__
     except ImportError:
         pass
-    from medcap.model import set_cuda_allocator_defaults, set_cuda_attention_backends
+    from medcap.model.cuda import set_cuda_allocator_defaults, set_cuda_attention_backends
 
     set_cuda_attention_backends(cudnn=args.cudnn_sdpa)
     info["cudnn_sdpa"] = args.cudnn_sdpa
@@ -506,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
             source = str(Path(tmp) / "random-base")
             save_random_base(args.model, Path(source))
             info["random_base_build_and_save_s"] = time.perf_counter() - t0
-        from medcap.model import build_model
+        from medcap.model.build import build_model
 
         cases = cases_for(args.quick, args.device)
         for weights in dict.fromkeys(c.weights for c in cases):

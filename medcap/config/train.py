@@ -1,0 +1,158 @@
+"""How to train: optimisation, schedule, evaluation, logging, checkpoints and resume (the ``train``
+section of a run config)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from medcap.config.loader import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    """How to train: optimisation, schedule, evaluation, logging, checkpoints and resume."""
+
+    out_dir: Path = Path("runs/demo/run")
+    """Run directory: config.yaml, log.csv, samples.jsonl, tensorboard/, checkpoints/{last,best}."""
+    seed: int = 0
+    """Seeds Python, NumPy and torch (model init, LoRA init, dropout) and the data order."""
+    epochs: int = 3
+    """Passes over the training split (ignored when max_steps is set)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps; overrides epochs (the schedule spans max_steps)."""
+    batch_size: int = 8
+    """Micro-batch size per process. Global batch = batch_size x processes x grad_accum."""
+    eval_batch_size: int | None = None
+    """Batch size for validation loss (default: batch_size)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    lr: float = 1e-4
+    """Peak learning rate, reached at the end of warmup."""
+    weight_decay: float = 0.05
+    """Decoupled weight decay (AdamW) for matrices; biases and norms are never decayed."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    """adamw (torch) or adamw8bit (bitsandbytes: 8-bit optimizer state, a quarter of the memory)."""
+    warmup_steps: int | None = None
+    """Linear warmup length in optimizer steps (exclusive with warmup_ratio)."""
+    warmup_ratio: float = 0.0
+    """Warmup as a fraction of all optimizer steps, used when warmup_steps is not set."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup: cosine to 0, linear to 0, or constant."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this value (null: no clipping; the norm is still logged)."""
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """Autocast precision. fp16 (V100, T4) uses a gradient scaler and can hit NaN losses; bf16 where the GPU has it."""
+    cpu: bool = False
+    """Train on the CPU even when a GPU is present."""
+    cpu_threads: int | None = None
+    """Torch threads when training on the CPU (null: the cores left after data.num_workers decoders,
+    at least 1: more threads than cores makes every step wait on the others)."""
+    pad_to_multiple_of: int | None = None
+    """Round padded batch widths up to a multiple of this (null: 8 on a GPU, 1 on the CPU). Fewer
+    distinct shapes means fewer per-shape kernel plans (cuDNN attention) on a GPU."""
+    eval_every: int | None = None
+    """Validation loss (and sample captions) every N optimizer steps (null: only at epoch ends)."""
+    eval_at_epoch_end: bool = True
+    """Also validate at the end of every epoch."""
+    num_sample_captions: int = 4
+    """Validation images captioned at each validation, printed and written to samples.jsonl."""
+    patience: int | None = None
+    """Early stopping: stop after this many validations without a new best loss (null: never)."""
+    min_delta: float = 0.0
+    """A validation loss must beat the best by more than this to count as an improvement."""
+    save_every: int | None = None
+    """Write checkpoints/last every N optimizer steps (it is also written at every validation and at the end)."""
+    log_every: int = 10
+    """Training loss, learning rate and throughput to log.csv / TensorBoard every N optimizer steps."""
+    max_caption_tokens: int = 64
+    """Caption tokens per example; longer captions are cut there (without an EOS: they did not end)."""
+    bucket_by_length: bool = True
+    """Group captions of similar length into batches (less padding), in a seeded random batch order."""
+    max_nonfinite_in_row: int = 5
+    """A non-finite loss or gradient skips the step; this many in a row stop the run with an error."""
+    dry_run_steps: int = 3
+    """--dry-run: optimizer steps to run."""
+    dry_run_images: int = 16
+    """--dry-run: training images (phantoms generated, or the first rows of the user's data)."""
+    dry_run_batch_size: int | None = None
+    """--dry-run: micro-batch size (null: batch_size on a GPU, at most 2 on a CPU, where a full-size
+    model at a GPU batch takes many minutes a step; the dry run checks the config, `medcap plan`
+    answers memory)."""
+    query_cache: Path | None = None
+    """Folder of precomputed query embeddings (medcap features): train from them without the vision tower."""
+    resume: bool = False
+    """Continue from out_dir/checkpoints/last when it exists (config and data must match)."""
+    progress_bar: bool = True
+    """Show a tqdm progress bar with loss, learning rate, samples/s and ETA."""
+    tensorboard: bool = True
+    """Write TensorBoard event files to out_dir/tensorboard."""
+
+    def __post_init__(self) -> None:
+        def positive(name: str, allow_none: bool = False) -> None:
+            v = getattr(self, name)
+            if v is None and allow_none:
+                return
+            if v is None or v <= 0:
+                raise ConfigError(f"train.{name} must be a positive number, got {v!r}")
+
+        for name in ("epochs", "batch_size", "grad_accum", "log_every", "max_nonfinite_in_row"):
+            positive(name)
+        for name in ("dry_run_steps", "dry_run_images", "max_caption_tokens"):
+            positive(name)
+        for name in (
+            "max_steps",
+            "eval_batch_size",
+            "eval_every",
+            "patience",
+            "save_every",
+            "dry_run_batch_size",
+        ):
+            positive(name, allow_none=True)
+        if self.lr <= 0 or not math.isfinite(self.lr):
+            raise ConfigError(f"train.lr must be a positive number, got {self.lr!r}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"train.betas must both be in [0, 1), got {list(self.betas)}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ConfigError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.warmup_steps is not None and self.warmup_ratio > 0:
+            raise ConfigError("set train.warmup_steps or train.warmup_ratio, not both")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ConfigError(f"train.max_grad_norm must be positive or null, got {self.max_grad_norm}")
+        if self.num_sample_captions < 0:
+            raise ConfigError(f"train.num_sample_captions must be >= 0, got {self.num_sample_captions}")
+        if self.min_delta < 0:
+            raise ConfigError(f"train.min_delta must be >= 0, got {self.min_delta}")
+        if not self.eval_at_epoch_end and self.eval_every is None and self.patience is not None:
+            raise ConfigError(
+                "train.patience needs validations: set train.eval_every or train.eval_at_epoch_end"
+            )
+
+
+#: Settings that may change between a run and its resumption without changing the result. The run
+#: folder and the data folder may be spelled differently (relative/absolute, moved): the checkpoint
+#: lives in the run folder, and the data is checked by the hash of its manifests instead.
+RESUME_MAY_DIFFER = frozenset(
+    {
+        "train.resume",
+        "train.out_dir",
+        "data.prepared",
+        "train.progress_bar",
+        "train.log_every",
+        "train.tensorboard",
+        "data.num_workers",
+        "train.dry_run_steps",
+        "train.dry_run_images",
+        "train.dry_run_batch_size",
+    }
+)
+
+__all__ = ["RESUME_MAY_DIFFER", "TrainConfig"]

@@ -1,0 +1,51 @@
+"""HTTP caption service with a web page (``medcap serve``).
+
+One model, one worker: requests are decoded and checked on the event loop (image decoding in a
+thread pool), then queued; a single batching worker gathers queued images for a short window (or
+until ``max_batch`` images are waiting), groups them by generation options, and runs
+``caption_images`` in one dedicated thread, so the model is never called concurrently and a GPU
+captions several images for about the price of one.
+
+Endpoints::
+
+    GET  /                 the web page (medcap/static)
+    GET  /healthz          liveness: {"status": "ok", ...}; never needs the token
+    GET  /v1/model         base model, adapter, resolved config, defaults, limits, medcap version
+    GET  /v1/metrics       request/batch counters (batch-size histogram) for load tests
+    POST /v1/captions      multipart: one or more ``files`` + generation options as form fields
+    GET  /openapi.json     the OpenAPI schema
+    GET  /docs             Swagger UI for the schema, served from the swagger-ui-bundle package
+
+Every user mistake gets a 4xx JSON body ``{"error": CODE, "detail": MESSAGE, "field": NAME}``:
+request too large (413), too many images (400), no or empty file (400), unsupported format (415),
+undecodable image (422), too many pixels (413), bad or unknown option (422), missing token (401),
+queue full (503). Nothing a user sends is used as a file path: uploaded file names are only
+echoed back, sanitised.
+
+Example::
+
+    medcap serve --checkpoint runs/demo/run/checkpoints/best --port 8000
+    curl -F files=@scan.jpg -F files=@ct.dcm -F num_beams=3 http://127.0.0.1:8000/v1/captions
+
+FastAPI's own /docs page loads Swagger UI's JavaScript from a CDN, which a hospital network or an
+offline machine cannot reach; /docs here serves the same Swagger UI from the swagger-ui-bundle
+package instead, so the API documentation works offline.
+
+Modules: ``app`` (the FastAPI app and its routes), ``batcher`` (the batching worker), ``uploads``
+(checking and decoding uploads with the one image reader), ``schemas`` (limits, options, bodies,
+errors), ``loading`` (what to serve).
+"""
+
+from medcap.infer.serve.app import create_app
+from medcap.infer.serve.loading import load_for_serving
+from medcap.infer.serve.schemas import BatchSettings, ServeError, ServeLimits
+from medcap.infer.serve.uploads import sanitize_filename
+
+__all__ = [
+    "BatchSettings",
+    "ServeError",
+    "ServeLimits",
+    "create_app",
+    "load_for_serving",
+    "sanitize_filename",
+]

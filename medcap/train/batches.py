@@ -1,0 +1,88 @@
+"""The data side of training: the dataset, the order of batches (a pure function of seed and epoch,
+so a resumed run sees exactly the batches an uninterrupted one would), and the validation batches."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from medcap.data.images import read_image
+from medcap.data.manifest import ManifestRow
+from medcap.train.errors import TrainingError
+
+
+class CaptionDataset:
+    """Manifest rows -> ``(RGB PIL image, caption)`` for ``CaptionCollator``; decoding runs in the
+    loader workers."""
+
+    def __init__(self, rows: Sequence[ManifestRow], min_size: int | None = None):
+        self.rows = list(rows)
+        # JPEGs are decoded at a reduced scale (Pillow draft mode) but never below the model's
+        # input size: the processor resizes to that anyway, and decoding is the loader's main cost.
+        self.min_size = min_size
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[Any, str]:
+        row = self.rows[i]
+        try:
+            image = read_image(row.image, min_size=self.min_size)
+        except (OSError, ValueError) as e:
+            raise TrainingError(
+                f"image {row.image} (id {row.id}) cannot be read: {e}. The manifest is out of date: "
+                "run 'medcap data prepare' again"
+            ) from e
+        return image, row.caption
+
+
+class PassBatches:
+    """The batch sampler of fit()'s long-lived loaders: the batches of the next pass (an epoch's
+    remaining batches, or the validation batches), set before each pass."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def epoch_batches(
+    lengths: Sequence[int], global_batch: int, seed: int, epoch: int, bucket: bool
+) -> list[list[int]]:
+    """The global batches of one epoch, a pure function of its arguments.
+
+    Indices are shuffled with a generator seeded by (seed, epoch). The last batch is filled up with
+    indices from the start of the permutation so every batch is full and splits evenly over
+    processes. With ``bucket``, indices are sorted by length inside mega-batches of 50 global
+    batches (less padding) and the batch order is shuffled again, so long and short batches mix.
+    """
+    n = len(lengths)
+    if n == 0:
+        return []
+    rng = np.random.default_rng([seed, epoch])
+    perm = rng.permutation(n)
+    total = math.ceil(n / global_batch) * global_batch
+    perm = np.resize(perm, total)  # wraps around: the filler repeats the first indices
+    if bucket:
+        lens = np.asarray(lengths)
+        mega = global_batch * 50
+        parts = [perm[i : i + mega] for i in range(0, total, mega)]
+        perm = np.concatenate([p[np.argsort(-lens[p], kind="stable")] for p in parts])
+    batches = perm.reshape(-1, global_batch)
+    if bucket:
+        batches = batches[rng.permutation(len(batches))]
+    return batches.tolist()
+
+
+def eval_batches(lengths: Sequence[int], batch_size: int, rank: int, world: int) -> list[list[int]]:
+    """Validation batches of this process: every index exactly once over all processes (sums stay
+    exact), sorted by length so that padding is small."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))[rank::world]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
