@@ -1,7 +1,7 @@
 """The real size on this CPU (slow, ~17 GB RAM): a few LoRA steps of the BLIP2-OPT-6.7B architecture
 with random bf16 weights on phantom images, then generation; prints peak memory next to the planner's.
 
-    flock /tmp/medcap-fullsize.lock env MEDCAP_FULLSIZE_LOCKED=1 .venv/bin/pytest -m slow tests/test_fullsize.py -s
+    flock /tmp/medcap-fullsize.lock env MEDCAP_FULLSIZE_LOCKED=1 .venv/bin/pytest -m slow tests/train/test_fullsize.py -s
 
 Takes the full-size lock itself unless MEDCAP_FULLSIZE_LOCKED=1 says the caller holds it. Prints the
 build time, each step's time, the generation time and peak RSS. On a CPU with native bf16 products

@@ -47,7 +47,7 @@ def tiny_blip2_config(text: str, vocab_size: int, image_token_index: int, specia
     Vision hidden 128 (FACTS 3: hidden 64 learned modality but not lesion side/kind), 64 px images
     in a 4 x 4 grid of 16 px patches with sine-cosine starting positions (``sincos_vision_positions``),
     a 2-layer Q-Former with cross-attention in every layer, 8 query tokens and a 2-layer, 64-wide
-    language model. Measured on 700 phantoms (tests/test_learns.py settings, 900 steps at batch 32):
+    language model. Measured on 700 phantoms (tests/train/test_learns.py settings, 900 steps at batch 32):
     with 8 px patches and random positions, 300 steps learned modality and region but lesion side
     stayed at chance; 16 px patches make a step ~1.5x cheaper, and with sine-cosine positions the side
     is read off the image (0.77 where only the image tells it, against 0.5 for a guess).
