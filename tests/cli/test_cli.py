@@ -29,3 +29,34 @@ def test_help_is_light() -> None:
     code = "import sys; from medcap.cli import main; main(['--help']); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().endswith("False")
+
+
+def test_config_and_the_light_commands_import_no_torch() -> None:
+    """config imports no torch: settings load, print and list without it, as do --help and configs."""
+    code = (
+        "import sys, contextlib, io\n"
+        "from medcap.config import load_run_config\n"
+        "from medcap.cli import main\n"
+        "cfg = load_run_config('blip2-opt-6.7b-lora-v100', ['--train.lr', '2e-4'])\n"
+        "assert cfg.train.lr == 2e-4 and cfg.model.peft.targets == 'lm-qv'\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+        "    main(['configs'])\n"
+        "    main(['train', '--config', 'demo', '--print-config'])\n"
+        "    try:\n"
+        "        main(['train', '--help'])\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "assert 'demo' in out.getvalue() and '--train.lr' in out.getvalue()\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("False")
+
+
+def test_configs_lists_every_shipped_config(capsys: pytest.CaptureFixture[str]) -> None:
+    from medcap.config.recipes import shipped_configs
+
+    assert main(["configs", "--path"]) == 0
+    out = capsys.readouterr().out
+    for name, path in shipped_configs().items():
+        assert name in out and str(path) in out
