@@ -430,9 +430,6 @@ def create_app(
     app.state.service = Service(
         gen_defaults, prompt, dict(info or {}), limits, batching, token, batcher, metrics, read_image_fn
     )
-    # Kept for callers (tests, benchmarks) that read them directly.
-    app.state.metrics, app.state.batcher = metrics, batcher
-    app.state.limits, app.state.batching = limits, batching
 
     app.add_exception_handler(ServeError, on_serve_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
