@@ -213,7 +213,7 @@ def test_a_bad_file_shows_a_clear_error(server_url, browser_page, tmp_path):
     page.wait_for_selector("#model-info:has-text('tiny')", timeout=30_000)
     page.set_input_files("#file-input", str(bad))
     page.wait_for_selector(".result[data-state=failed]", timeout=30_000)
-    assert "not a JPEG, PNG, TIFF or DICOM file" in page.inner_text("#error")
+    assert "not a JPEG, PNG, TIFF, BMP, WebP or DICOM file" in page.inner_text("#error")
     page.screenshot(path=str(shots / "serve_error.png"), full_page=True)
 
 

@@ -40,10 +40,15 @@ def decode_upload(
         fmt, w, h, _frames = image_header(data, name)
     except ImageReadError as e:
         if e.kind == "unsupported":
+            why = (
+                e.reason.removeprefix("is ")
+                if e.reason.startswith("is a ")
+                else "its first bytes are no image signature"
+            )
             raise ServeError(
                 415,
                 "unsupported_format",
-                f"{name}: not an image this service reads (JPEG, PNG, TIFF, BMP, WebP or DICOM): {e.reason}",
+                f"{name}: not a JPEG, PNG, TIFF, BMP, WebP or DICOM file ({why})",
                 label,
             ) from None
         raise ServeError(422, "unreadable_image", f"{name}: {e.reason}", label) from None
