@@ -146,7 +146,7 @@ class Batcher:
                 break
             try:
                 self.pending.append(await asyncio.wait_for(self.queue.get(), remaining))
-            except TimeoutError:
+            except asyncio.TimeoutError:  # an alias of TimeoutError from Python 3.11; not on 3.10
                 break
             self._drain()
         batch: list[_Item] = []
