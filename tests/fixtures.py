@@ -79,7 +79,7 @@ def tiny_overrides(prepared: Path, out_dir: Path, **train: object) -> list[str]:
         "train.log_every": 1,
         "train.num_sample_captions": 1,
         "train.progress_bar": "false",
-        "train.tensorboard": "false",
+        "train.report_to": "csv",
         "generate.max_new_tokens": 6,
     }
     base.update({f"train.{k}" if "." not in k else k: v for k, v in train.items()})

@@ -26,7 +26,7 @@ def test_main_job_end_to_end(tmp_path: Path, one_thread, capsys: pytest.CaptureF
     out = tmp_path / "demo"
     argv = ["run", "--out", str(out), "--n", "60", "--seed", "3"]
     argv += ["--train.max_steps", "3", "--train.batch_size", "8", "--data.num_workers", "0"]
-    argv += ["--train.tensorboard", "false", "--train.progress_bar", "false"]
+    argv += ["--train.report_to", "csv", "--train.progress_bar", "false"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "validation loss" in printed and "report:" in printed

@@ -109,8 +109,8 @@ def test_the_wheel_in_a_new_venv_runs_the_demo_and_the_recipes_by_name(wheel: Pa
         "4",
         "--data.num_workers",
         "0",
-        "--train.tensorboard",
-        "false",
+        "--train.report_to",
+        "csv",
         "--train.progress_bar",
         "false",
     )
