@@ -221,7 +221,13 @@ def test_coco_metrics_with_java():
     )
     res = score_captions(preds, refs, cfg)
     assert set(res) == {"bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rougeL", "cider"}
-    assert all(0 < v < 1 for v in res["meteor"]) and res["bleu1"][0] > res["bleu1"][1] * 0
+    assert all(0 < v < 1 for v in res["meteor"])
+    # By hand, PTB tokens: pair 1 has 9 candidate words, 6 of them in the reference ("a" clipped to
+    # one), 2 of 8 bigrams ("of the", "the chest"); pair 2 has 2 of 4 words; no brevity penalty.
+    assert res["bleu1"] == [pytest.approx(6 / 9, abs=1e-8), pytest.approx(2 / 4, abs=1e-8)]
+    assert res["bleu2"][0] == pytest.approx((6 / 9 * 2 / 8) ** 0.5, abs=1e-8)
+    assert res.corpus["bleu1_corpus"] == pytest.approx(8 / 13, abs=1e-8)  # pooled counts: (6 + 2) / (9 + 4)
+    assert res["rougeL"][1] == pytest.approx(0.25)  # longest common subsequence: one word of four
     assert res.unavailable == {}
 
 
