@@ -167,10 +167,13 @@ def gpu_consumption() -> list[dict]:
 
 def measured_gpu_rates() -> list[dict]:
     """The fastest bf16 LoRA training rate of our loop (samples = images per second) in each
-    gpu_bench result file of benchmarks/results/ (measured on that card, BLIP2-OPT-6.7B)."""
+    gpu_bench result file of benchmarks/results/ run with fit()'s CUDA settings (measured on that
+    card, BLIP2-OPT-6.7B)."""
     out = []
     for path in sorted((Path(__file__).resolve().parent / "results").glob("gpu_bench_*.json")):
         data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("info", {}).get("cudnn_sdpa") is not False:
+            continue  # a run from before fit()'s attention settings (cuDNN's per-shape plans made it slow)
         ours = [
             r
             for r in data.get("results", [])
