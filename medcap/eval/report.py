@@ -245,8 +245,20 @@ def _section_curves(run: Path) -> str:
         out.append(_missing(f"{log} has no train or valid rows with a step and a finite loss."))
         out.append("</section>")
         return "\n".join(out)
+    # The selection metric (train.select_by) of each validation, when it was not the loss.
+    metric = next((r["metric"] for r in rows if r.get("split") == "valid" and r.get("metric")), "")
+    scores = [
+        (s, v)
+        for r in rows
+        if r.get("split") == "valid" and r.get("metric") == metric and metric
+        for s, v in [(_float(r.get("step")), _float(r.get("score")))]
+        if s is not None and v is not None
+    ]
     plt = _plt()
-    fig, axes = plt.subplots(1, 2 if lr else 1, figsize=(11 if lr else 7, 3.6), dpi=100, squeeze=False)
+    panels = 1 + bool(lr) + bool(scores)
+    fig, axes = plt.subplots(
+        1, panels, figsize=(5.5 * panels if panels > 1 else 7, 3.6), dpi=100, squeeze=False
+    )
     ax = axes[0][0]
     if train:
         ax.plot(*zip(*train, strict=True), label="train", color="#4c72b0", lw=1.4)
@@ -257,6 +269,17 @@ def _section_curves(run: Path) -> str:
     ax.set_title("Loss")
     ax.grid(alpha=0.3)
     ax.legend()
+    if scores:
+        ax3 = axes[0][panels - 1]
+        ax3.plot(*zip(*scores, strict=True), color="#8172b3", lw=2, marker="o", ms=4)
+        chosen = max(scores, key=lambda t: t[1])
+        ax3.plot(
+            [chosen[0]], [chosen[1]], marker="*", ms=14, color="#c44e52", ls="none", label="best checkpoint"
+        )
+        ax3.set_xlabel("optimizer step")
+        ax3.set_title(f"Selection metric: {metric} (validation subset)")
+        ax3.grid(alpha=0.3)
+        ax3.legend()
     if lr:
         ax2 = axes[0][1]
         ax2.plot(*zip(*lr, strict=True), color="#55a868")
@@ -265,7 +288,8 @@ def _section_curves(run: Path) -> str:
         ax2.grid(alpha=0.3)
         ax2.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     fig.tight_layout()
-    out.append(f"<div class='plots'>{_fig_to_img(fig, 'training and validation loss')}</div>")
+    alt = "training and validation loss" + (f", selection metric {metric}" if scores else "")
+    out.append(f"<div class='plots'>{_fig_to_img(fig, alt)}</div>")
     facts = []
     if train:
         facts.append(
@@ -278,6 +302,12 @@ def _section_curves(run: Path) -> str:
         )
     else:
         facts.append("no validation rows in log.csv")
+    if scores:
+        chosen = max(scores, key=lambda t: t[1])
+        facts.append(
+            f"checkpoints/best chosen by {metric} on the captioned validation subset: best {chosen[1]:.4f} "
+            f"at step {chosen[0]:.0f}, last {scores[-1][1]:.4f}"
+        )
     out += [f"<p class='note'>{_esc(f)}</p>" for f in facts]
     out.append("</section>")
     return "\n".join(out)

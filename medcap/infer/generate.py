@@ -35,7 +35,13 @@ def _chunks(items: Sequence[T], size: int) -> Iterator[list[T]]:
 
 
 def _generate_batches(
-    model: Any, processor: Any, images: list[Any], gen: GenerateConfig, prompt: str, family: ModelFamily
+    model: Any,
+    processor: Any,
+    images: list[Any],
+    gen: GenerateConfig,
+    prompt: str,
+    family: ModelFamily,
+    synced: bool = False,
 ) -> Iterator[tuple[Any, int]]:
     """``(generate() output, prompt length)`` per batch of ``gen.batch_size`` images."""
     import torch
@@ -46,6 +52,10 @@ def _generate_batches(
     kwargs = gen.generate_kwargs()
     kwargs["eos_token_id"] = stop if len(stop) > 1 else stop[0]
     kwargs["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+    if synced:
+        # Sharded weights (FSDP, ZeRO-3): every process keeps stepping until all are done, since
+        # each forward gathers parameter shards from all of them.
+        kwargs["synced_gpus"] = True
     for number, batch in enumerate(_chunks(images, gen.batch_size)):
         batch = [im if getattr(im, "mode", "RGB") == "RGB" else im.convert("RGB") for im in batch]
         inputs = family.generation_inputs(processor, batch, prompt)
@@ -81,6 +91,7 @@ def caption_images(
     gen: GenerateConfig | None = None,
     prompt: str = "",
     family: ModelFamily | None = None,
+    synced: bool = False,
 ) -> list[str]:
     """Caption PIL images with ``model``: one caption per image, in order.
 
@@ -89,6 +100,8 @@ def caption_images(
     caption. ``family`` defaults to the model's (``medcap.model.families.family_of``). Greedy and beam decoding give the same captions
     batched as one image at a time; sampling is seeded per batch (``gen.seed`` + batch number), so it
     is reproducible for a given batch size. The model is put in eval mode for the call and back.
+    ``synced``: the model's weights are sharded over processes (FSDP, DeepSpeed ZeRO-3) and every
+    process calls this with the same number of images (``generate(synced_gpus=True)``).
     """
     gen = gen or GenerateConfig()
     images = list(images)
@@ -97,7 +110,7 @@ def caption_images(
     family = family or family_of(model)
     captions: list[str] = []
     with _eval_mode(model):
-        for output, prompt_len in _generate_batches(model, processor, images, gen, prompt, family):
+        for output, prompt_len in _generate_batches(model, processor, images, gen, prompt, family, synced):
             texts = family.decode(processor, output, prompt_len)
             captions.extend(" ".join(t.split()) for t in texts)
     return captions

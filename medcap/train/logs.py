@@ -24,6 +24,8 @@ LOG_COLUMNS = [
     "grad_norm",
     "nonfinite_skipped",
     "elapsed_s",
+    "metric",  # validation rows: the selection metric (train.select_by) when it is not the loss
+    "score",  # its value on the captioned validation subset
 ]
 
 
@@ -46,6 +48,22 @@ def _truncate_after(path: Path, step: int, is_csv: bool) -> None:
                 pass  # a torn last line from the kill
         text = "".join(keep)
     path.write_text(text, encoding="utf-8")
+
+
+def _upgrade_header(path: Path) -> None:
+    """Rewrite a log.csv of an earlier version (fewer columns) under today's header, so resumed runs
+    append rows that line up."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames == LOG_COLUMNS:
+            return
+        rows = list(reader)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=LOG_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 class RunLog:
@@ -77,6 +95,7 @@ class RunLog:
             if resume_step is not None:
                 _truncate_after(self.csv_path, resume_step, is_csv=True)
                 _truncate_after(self.samples_path, resume_step, is_csv=False)
+            _upgrade_header(self.csv_path)
             new = not self.csv_path.is_file() or self.csv_path.stat().st_size == 0
             self._csv_file = self.csv_path.open("a", newline="", encoding="utf-8")
             self._csv = csv.DictWriter(self._csv_file, fieldnames=LOG_COLUMNS)
@@ -104,6 +123,8 @@ class RunLog:
             for key in ("loss", "lr", "samples_per_s", "grad_norm")
             if isinstance(v := values.get(key), int | float) and math.isfinite(v)
         }
+        if values.get("metric") and isinstance(v := values.get("score"), int | float) and math.isfinite(v):
+            numbers[f"{values['split']}/{values['metric']}"] = float(v)
         for tracker in self.trackers:
             tracker.log(numbers, step=values["step"])
 
@@ -118,13 +139,17 @@ class RunLog:
                         json.dumps({"step": step, "epoch": round(epoch, 4), **item}, ensure_ascii=False)
                         + "\n"
                     )
-        rows = [[i["id"], i["reference"], i["prediction"]] for i in items]
+        scored = all("score" in i for i in items)
+        columns = ["id", "reference", "prediction"] + (["score"] if scored else [])
+        rows = [[i[c] for c in columns] for i in items]
         text = "\n\n".join(
-            f"**{i['id']}**  \nref: {i['reference']}  \npred: {i['prediction']}" for i in items
+            f"**{i['id']}**  \nref: {i['reference']}  \npred: {i['prediction']}"
+            + (f"  \n{i.get('metric', 'score')}: {i['score']:.4f}" if scored else "")
+            for i in items
         )
         for tracker in self.trackers:
             if hasattr(tracker, "log_table"):
-                tracker.log_table("samples", columns=["id", "reference", "prediction"], data=rows, step=step)
+                tracker.log_table("samples", columns=columns, data=rows, step=step)
             else:
                 tracker.log({"samples": text}, step=step)
 

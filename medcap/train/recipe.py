@@ -5,15 +5,17 @@
       for every optimizer step:
         train_step(run, micro)    forward and backward of each micro-batch, clip, step (or skip)
         log_step(run, ...)        log.csv / TensorBoard / the progress bar every train.log_every
-        validate(run)             loss over the whole validation split, sample captions,
-                                  best checkpoint, early stopping
+        validate(run)             loss over the whole validation split, captions of the
+                                  selection subset (train.select_by) or samples, best
+                                  checkpoint, early stopping
         save(run, "last"|"best")  atomic checkpoint folders
       finish(run) -> summary
 
 accelerate only handles devices, DDP, mixed precision and the gradient scaler; accumulation,
 clipping, the non-finite guard, validation, early stopping, logs and checkpoints are written out
 here. The pieces they use live next to this file: ``batches`` (the data order), ``loss``,
-``optim``, ``state`` (checkpoint folders, RNG, position), ``logs``, ``query_cache``.
+``optim``, ``state`` (checkpoint folders, RNG, position), ``logs``, ``query_cache``, ``select``
+(checkpoints chosen by a caption metric), ``sharding`` (FSDP and DeepSpeed).
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ from typing import Any
 from medcap.config.loader import diff_configs, save_config
 from medcap.config.run import RunConfig, read_run_config
 from medcap.config.train import RESUME_MAY_DIFFER, RESUME_MAY_DIFFER_SECTIONS
-from medcap.data.images import read_image
 from medcap.data.manifest import ManifestRow, read_manifest
 from medcap.layout import CheckpointLayout, RunLayout
 from medcap.train.batches import CaptionDataset, PassBatches, epoch_batches, eval_batches
@@ -43,6 +44,7 @@ from medcap.train.errors import NonFiniteLossError, TrainingError
 from medcap.train.logs import RunLog, flat_hyperparameters
 from medcap.train.loss import batch_loss, label_token_count
 from medcap.train.optim import lr_lambda, make_optimizer
+from medcap.train.select import improves, make_selector, share_figure, validation_captions
 from medcap.train.state import (
     Progress,
     format_hashes,
@@ -86,6 +88,8 @@ class Run:
     progress: Progress
     log: RunLog
     resumed: bool
+    selector: Any = None  # medcap.train.select.Selector when train.select_by is a metric
+    sharded: bool = False  # FSDP or DeepSpeed: parameters are split over the processes
     loaders: dict[int, Any] = field(default_factory=dict)
     step_times: list[float] = field(default_factory=list)
     t_start: float = field(default_factory=time.perf_counter)
@@ -228,6 +232,14 @@ def setup(cfg: RunConfig) -> Run:
     hashes = manifest_hashes(cfg.data)
     if last is not None:
         check_resume(cfg, last, hashes)
+    # Before the model: a selection metric whose model cannot be loaded stops the run here.
+    selector = make_selector(
+        tc,
+        valid_rows,
+        [r.caption for r in read_manifest(cfg.data.manifest(cfg.data.valid_split))],
+        main,
+        accelerator.device,
+    )
 
     # --- model -----------------------------------------------------------------------------
     from medcap.model.build import build_model
@@ -321,6 +333,7 @@ def setup(cfg: RunConfig) -> Run:
             tc.tracker_project,
         ),
         resumed=last is not None,
+        selector=selector,
     )
     if last is not None:
         run.say(
@@ -592,35 +605,49 @@ def validation_loss(run: Run) -> float:
     return float(total[0] / total[1]) if total[1] > 0 else float("nan")
 
 
-def sample_captions(run: Run) -> list[dict[str, str]]:
-    """Captions of the first ``train.num_sample_captions`` validation images (main process)."""
-    import torch
+def validation_figures(run: Run) -> tuple[float | None, list[dict[str, Any]]]:
+    """The selection metric (None when selecting by loss) and the sample captions to log.
 
-    from medcap.infer.generate import caption_images
-
-    rows = run.valid_rows[: run.cfg.train.num_sample_captions]
-    if not rows or not run.main:
-        return []
-    net = run.accelerator.unwrap_model(run.model)
-    net.eval()
-    images = [read_image(r.image, min_size=run.image_side) for r in rows]
-    with torch.no_grad(), run.accelerator.autocast():
-        preds = caption_images(net, run.processor, images, run.cfg.generate, run.cfg.model.prompt)
-    net.train()
-    return [{"id": r.id, "reference": r.caption, "prediction": p} for r, p in zip(rows, preds, strict=True)]
+    By loss: the first ``train.num_sample_captions`` validation images are captioned. By a metric:
+    the selection subset is captioned and scored (``medcap.train.select``); the samples are its
+    first ``num_sample_captions`` captions with their scores (more rows are captioned if more
+    samples are asked for than the subset holds).
+    """
+    tc, selector = run.cfg.train, run.selector
+    subset = selector.rows if selector is not None else []
+    rows = run.valid_rows[: max(len(subset), tc.num_sample_captions)]
+    predictions = validation_captions(run, rows) if rows else []
+    samples = [
+        {"id": r.id, "reference": r.caption, "prediction": p}
+        for r, p in zip(rows[: tc.num_sample_captions], predictions, strict=False)
+    ]
+    score = None
+    if selector is not None and run.main:
+        score, per_caption = selector.score(predictions[: len(subset)])
+        for item, value in zip(samples, per_caption, strict=False):
+            item.update(metric=selector.metric, score=value)
+    if selector is not None:
+        score = share_figure(run, score)
+    return score, samples if run.main else []
 
 
 def validate(run: Run, epoch_f: float) -> bool:
-    """Validate, log, keep the best checkpoint; returns True when early stopping says stop."""
+    """Validate, log, keep the best checkpoint; returns True when early stopping says stop.
+
+    The best checkpoint and early stopping follow ``train.select_by``: the validation loss, or a
+    caption metric of the selection subset (``validation_figures``)."""
     tc, progress = run.cfg.train, run.progress
     loss = validation_loss(run)
+    score, samples = validation_figures(run)
     progress.last_eval_step = progress.step
     progress.last_valid_loss = loss
-    improved = math.isfinite(loss) and (
-        progress.best_loss is None or loss < progress.best_loss - tc.min_delta
-    )
+    progress.last_score = score
+    by_loss = run.selector is None
+    figure = loss if by_loss else score
+    best_figure = progress.best_loss if by_loss else progress.best_score
+    improved = improves(figure, best_figure, tc.min_delta, tc.select_by)
     if improved:
-        progress.best_loss, progress.best_step = loss, progress.step
+        progress.best_loss, progress.best_score, progress.best_step = loss, score, progress.step
         progress.evals_without_improvement = 0
     else:
         progress.evals_without_improvement += 1
@@ -631,15 +658,16 @@ def validate(run: Run, epoch_f: float) -> bool:
         loss=loss,
         lr=run.scheduler.get_last_lr()[0],
         elapsed_s=round(time.perf_counter() - run.t_start, 2),
+        metric="" if by_loss else tc.select_by,
+        score=score,
     )
-    samples = sample_captions(run)
     run.log.samples(progress.step, epoch_f, samples)
-    best = (
-        f"{progress.best_loss:.4f} @ step {progress.best_step}" if progress.best_loss is not None else "n/a"
-    )
-    run.say(f"[step {progress.step}] validation loss {loss:.4f} (best {best})")
+    best = _best_text(run)
+    now = f"validation loss {loss:.4f}" + ("" if by_loss else f", {tc.select_by} {score:.4f}")
+    run.say(f"[step {progress.step}] {now} (best {best})")
     for s in samples:
-        run.say(f"  {s['id']}\n    reference:  {s['reference']}\n    prediction: {s['prediction']}")
+        scored = f"  [{s['metric']} {s['score']:.4f}]" if "score" in s else ""
+        run.say(f"  {s['id']}{scored}\n    reference:  {s['reference']}\n    prediction: {s['prediction']}")
     if improved:
         save(run, "best")
     if tc.patience is not None and progress.evals_without_improvement >= tc.patience:
@@ -647,6 +675,16 @@ def validate(run: Run, epoch_f: float) -> bool:
         run.say(f"early stopping: {tc.patience} validations without improvement (best {best})")
         return True
     return False
+
+
+def _best_text(run: Run) -> str:
+    """The best checkpoint's figure for messages: ``0.4321 @ step 40`` (loss or the metric)."""
+    progress = run.progress
+    figure = progress.best_loss if run.selector is None else progress.best_score
+    if figure is None:
+        return "n/a"
+    name = "" if run.selector is None else f"{run.cfg.train.select_by} "
+    return f"{name}{figure:.4f} @ step {progress.best_step}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -702,6 +740,7 @@ def finish(run: Run) -> dict[str, Any]:
     timed = run.step_times[1:] or run.step_times
     result = progress_metrics(progress)
     result.update(
+        select_by=run.cfg.train.select_by,
         total_steps=run.total_steps,
         steps_per_epoch=run.steps_per_epoch,
         trainable_parameters=sum(p.numel() for p in run.trainable),
@@ -715,8 +754,8 @@ def finish(run: Run) -> dict[str, Any]:
     ckpts = run.layout.checkpoints
     run.say(
         f"done: {progress.step} steps, last validation loss {progress.last_valid_loss:.4f}, best "
-        f"{progress.best_loss:.4f} at step {progress.best_step}; checkpoints in {ckpts}"
-        if progress.best_loss is not None
+        f"{_best_text(run)}; checkpoints in {ckpts}"
+        if progress.best_step is not None and progress.last_valid_loss is not None
         else f"done: {progress.step} steps; checkpoints in {ckpts}"
     )
     return result

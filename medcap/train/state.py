@@ -134,10 +134,16 @@ class Progress:
     batch_in_epoch: int = 0
     samples_seen: int = 0
     best_loss: float | None = None
+    """Validation loss of checkpoints/best."""
     best_step: int | None = None
+    """Step of checkpoints/best: the best validation figure of train.select_by."""
     evals_without_improvement: int = 0
     last_eval_step: int = -1
     last_valid_loss: float | None = None
+    best_score: float | None = None
+    """The selection metric of checkpoints/best (train.select_by a metric; None when by loss)."""
+    last_score: float | None = None
+    """The selection metric at the last validation."""
     nonfinite_total: int = 0
     nonfinite_in_row: int = 0
     stopped_early: bool = False
@@ -158,6 +164,8 @@ def progress_metrics(progress: Progress) -> dict[str, Any]:
         "best_valid_loss": progress.best_loss,
         "best_step": progress.best_step,
         "last_valid_loss": progress.last_valid_loss,
+        "best_score": progress.best_score,
+        "last_score": progress.last_score,
         "nonfinite_skipped": progress.nonfinite_total,
         "stopped_early": progress.stopped_early,
     }
