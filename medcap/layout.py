@@ -12,7 +12,9 @@ below is the whole truth (docs/ARCHITECTURE.md shows it with what each file hold
     RUN/eval/{split}/metrics.json per_caption.csv          medcap evaluate
 
     CKPT/config.yaml adapter/ trainable.safetensors base.safetensors base_fingerprint.txt
-    CKPT/train_state.pt (last only) data_hash.txt metrics.json
+    CKPT/train_state.pt sharded/ (last only) data_hash.txt metrics.json
+
+    STUDY/space.yaml study.db trials/NNNN/ trials.csv best.yaml report.html   StudyLayout (medcap tune)
 """
 
 from __future__ import annotations
@@ -110,6 +112,12 @@ class CheckpointLayout:
     def train_state(self) -> Path:
         """Optimizer, scheduler, scaler, RNG of every process, data position (``last`` only)."""
         return self.root / "train_state.pt"
+
+    @property
+    def sharded(self) -> Path:
+        """FSDP / DeepSpeed (``last`` only): each process's shard of the trainable parameters and the
+        optimizer state (torch.distributed.checkpoint, or DeepSpeed's own checkpoint)."""
+        return self.root / "sharded"
 
     @property
     def data_hash(self) -> Path:
@@ -228,6 +236,48 @@ class EvalLayout:
         return self.root / "per_caption.csv"
 
 
+@dataclass(frozen=True)
+class StudyLayout:
+    """A hyperparameter study folder (``medcap tune --study STUDY``)."""
+
+    root: Path
+
+    def __init__(self, root: str | Path) -> None:
+        object.__setattr__(self, "root", Path(root))
+
+    @property
+    def space(self) -> Path:
+        """The search space the study was started with (a resumed study must use the same)."""
+        return self.root / "space.yaml"
+
+    @property
+    def database(self) -> Path:
+        """The default storage: Optuna's SQLite database (``--storage`` names another)."""
+        return self.root / "study.db"
+
+    @property
+    def trials_dir(self) -> Path:
+        return self.root / "trials"
+
+    def trial(self, number: int) -> RunLayout:
+        """The run folder of a trial: a normal medcap run (config.yaml, log.csv, checkpoints ...)."""
+        return RunLayout(self.trials_dir / f"{number:04d}")
+
+    @property
+    def trials_table(self) -> Path:
+        """One row per trial: number, state, objective, settings, run folder."""
+        return self.root / "trials.csv"
+
+    @property
+    def best_config(self) -> Path:
+        """The run config of the best trial so far (``medcap train --config`` takes it)."""
+        return self.root / "best.yaml"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.html"
+
+
 def prediction_meta(predictions_csv: str | Path) -> Path:
     """``RUN/predictions/test.meta.json`` next to ``test.csv``: model, decoding, timing."""
     p = Path(predictions_csv)
@@ -275,6 +325,7 @@ __all__ = [
     "EvalLayout",
     "PreparedLayout",
     "RunLayout",
+    "StudyLayout",
     "config_file",
     "eval_dir_for",
     "prediction_meta",

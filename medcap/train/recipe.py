@@ -29,7 +29,7 @@ import re
 import resource
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,6 +90,8 @@ class Run:
     resumed: bool
     selector: Any = None  # medcap.train.select.Selector when train.select_by is a metric
     sharded: bool = False  # FSDP or DeepSpeed: parameters are split over the processes
+    on_validation: Callable[[int, float | None], bool] | None = None  # see fit()
+    stopped_by_caller: bool = False
     loaders: dict[int, Any] = field(default_factory=dict)
     step_times: list[float] = field(default_factory=list)
     t_start: float = field(default_factory=time.perf_counter)
@@ -125,25 +127,30 @@ class StepResult:
     tokens: int
 
 
-def fit(cfg: RunConfig) -> dict[str, Any]:
+def fit(cfg: RunConfig, on_validation: Callable[[int, float | None], bool] | None = None) -> dict[str, Any]:
     """Train ``cfg.model`` on ``cfg.data`` as ``cfg.train`` says; returns a summary dict.
 
     Launch with ``medcap train`` for one process or ``accelerate launch -m medcap train`` for
-    several (DDP). Raises ``TrainingError`` with an actionable message when the run cannot start
-    (missing data, a checkpoint in the way, a resume mismatch) or cannot go on (non-finite losses in
-    a row).
+    several (DDP, FSDP, DeepSpeed). Raises ``TrainingError`` with an actionable message when the run
+    cannot start (missing data, a checkpoint in the way, a resume mismatch) or cannot go on
+    (non-finite losses in a row).
+
+    ``on_validation(step, figure)`` is called after every validation with the figure of
+    ``train.select_by`` (``medcap tune`` reports it to the pruner); returning True stops the run
+    there, as early stopping does (``stopped_by_caller`` in the summary).
     """
     from medcap.model.build import import_backends
 
     # Here, not in the frame that holds the model, optimizer and loaders: see import_backends.
     import_backends()
-    return _fit(cfg)
+    return _fit(cfg, on_validation)
 
 
-def _fit(cfg: RunConfig) -> dict[str, Any]:
+def _fit(cfg: RunConfig, on_validation: Callable[[int, float | None], bool] | None = None) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     run = setup(cfg)
+    run.on_validation = on_validation
     tc, progress = cfg.train, run.progress
     run.model.train()
     window = _Window()
@@ -670,6 +677,10 @@ def validate(run: Run, epoch_f: float) -> bool:
         run.say(f"  {s['id']}{scored}\n    reference:  {s['reference']}\n    prediction: {s['prediction']}")
     if improved:
         save(run, "best")
+    if run.on_validation is not None and run.on_validation(progress.step, figure):
+        run.stopped_by_caller = True
+        run.say(f"[step {progress.step}] stopped by the caller (e.g. pruned by medcap tune)")
+        return True
     if tc.patience is not None and progress.evals_without_improvement >= tc.patience:
         progress.stopped_early = True
         run.say(f"early stopping: {tc.patience} validations without improvement (best {best})")
@@ -741,6 +752,7 @@ def finish(run: Run) -> dict[str, Any]:
     result = progress_metrics(progress)
     result.update(
         select_by=run.cfg.train.select_by,
+        stopped_by_caller=run.stopped_by_caller,
         total_steps=run.total_steps,
         steps_per_epoch=run.steps_per_epoch,
         trainable_parameters=sum(p.numel() for p in run.trainable),
