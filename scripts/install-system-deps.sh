@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # System packages some tests need: Java (pycocoevalcap METEOR/CIDEr tokeniser), Chromium (report and
-# web page screenshots), WordNet. Installs only what is missing; never fails the build when it cannot
+# web page screenshots), WordNet, PostgreSQL (medcap tune's shared-study test starts a throwaway server). Installs only what is missing; never fails the build when it cannot
 # install (the tests that need a missing tool skip and say why; with CI=true they fail instead:
 # tests/fixtures.py skip_missing).
 set -u
 need=()
 command -v java >/dev/null 2>&1 || need+=(default-jre-headless)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
+# Debian keeps initdb and pg_ctl in /usr/lib/postgresql/<version>/bin, off PATH.
+{ command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; } || need+=(postgresql)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing system packages: ${need[*]}"

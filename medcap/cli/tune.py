@@ -37,7 +37,7 @@ def cmd_tune(argv: list[str]) -> int:
         "--heartbeat",
         type=int,
         default=60,
-        help="seconds between a running trial's heartbeats; a trial silent for twice this is failed and "
+        help="seconds between a running trial's heartbeats; a trial silent for three times this is failed and "
         "retried by another worker (default 60)",
     )
     p.add_argument("--report", action="store_true", help="only write the study's report and trials table")

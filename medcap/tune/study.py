@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import math
 import os
 import shutil
 import socket
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,16 +175,16 @@ def open_study(
         url,
         engine_kwargs=_engine_kwargs(url),
         heartbeat_interval=heartbeat,
-        grace_period=2 * heartbeat,
+        # Three beats: a worker slowed by a loaded machine is not taken for dead.
+        grace_period=3 * heartbeat,
         # A killed worker's trial: FAIL after the grace period, then the same values again.
         heartbeat_stale_trial_callback=_retry,
     )
     name = study_name or layout.root.resolve().name
-    sampler = optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=space.startup_trials)
     study = optuna.create_study(
         storage=rdb,
         study_name=name,
-        sampler=sampler,
+        sampler=trial_sampler(space, 0),
         pruner=space.pruner.make(),
         direction=space.direction,
         load_if_exists=True,
@@ -206,6 +208,19 @@ def open_study(
     if not layout.space.is_file():
         shutil.copyfile(space.source, layout.space)
     return study
+
+
+def trial_sampler(space: SearchSpace, number: int) -> Any:
+    """The TPE sampler that draws trial ``number``'s values.
+
+    Seeded by the space's seed and the trial number, not once per process: workers started with the
+    same seed would otherwise draw the same values for their first trials. ``constant_liar`` makes
+    TPE treat the trials still running elsewhere as bad results, so parallel workers spread out."""
+    import optuna
+
+    return optuna.samplers.TPESampler(
+        seed=space.seed * 1_000_003 + number, n_startup_trials=space.startup_trials, constant_liar=True
+    )
 
 
 def _counts(trial: Any) -> bool:
@@ -260,6 +275,7 @@ def _objective(study: Any, space: SearchSpace, layout: StudyLayout, worker: str,
         if len(ahead) >= space.trials or twin:
             trial.set_user_attr(ATTR_SURPLUS, True)
             raise SurplusTrial(f"the study had its {space.trials} trials when this one was asked for")
+        study.sampler = trial_sampler(space, trial.number)  # trial.suggest_* draw from study.sampler
         values = {p.name: p.suggest(trial) for p in space.params}
         run = layout.trial(retry_of if retry_of is not None else trial.number)
         trial.set_user_attr(ATTR_RUN_DIR, str(run.root))
@@ -277,8 +293,10 @@ def _objective(study: Any, space: SearchSpace, layout: StudyLayout, worker: str,
                 key=lambda t: t.number,
                 default=None,
             )
+            saved = json.loads(run.last.metrics.read_text(encoding="utf-8"))["step"]
             for step, value in sorted((killed.intermediate_values if killed else {}).items()):
-                trial.report(value, step)
+                if step <= saved:  # later ones were not saved: the resumed run validates them again
+                    trial.report(value, step)
         overrides = space.trial_overrides(values, run.root)
         if resume:
             overrides["train.resume"] = True
@@ -359,7 +377,9 @@ def tune(
     poll = poll_s if poll_s is not None else max(1.0, heartbeat / 4)
     ran = 0
     while max_trials_here is None or ran < max_trials_here:
-        optuna.storages.fail_stale_trials(study)  # a killed worker's trial becomes a queued retry
+        with warnings.catch_warnings():  # "experimental" since optuna 2.9, and what optimize() itself calls
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # a killed worker's trial becomes a queued retry
         all_trials = study.get_trials(deepcopy=False)
         finished = sum(_finished(t) for t in all_trials)
         if finished >= space.trials:
