@@ -28,6 +28,12 @@ def _adapter_param_names(model) -> set[str]:
     return {n for n, _ in model.named_parameters() if prefix in n}
 
 
+def base_fingerprint(model) -> str:
+    """The fingerprint ``save_trainable`` writes for a large random-init base (take it before the
+    parameters are sharded)."""
+    return _fingerprint(model)
+
+
 def _fingerprint(model) -> str:
     """A cheap hash of a few base tensors (the family's choice), to check a rebuilt random-init base
     is the same."""
@@ -37,8 +43,14 @@ def _fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
-def save_trainable(model, directory: str | Path) -> list[str]:
+def save_trainable(
+    model, directory: str | Path, state: dict[str, torch.Tensor] | None = None, fingerprint: str | None = None
+) -> list[str]:
     """Write what ``load_checkpoint`` needs besides ``config.yaml`` (the caller writes that).
+
+    ``state``: the parameter values by ``model.named_parameters()`` name, when the model's own
+    parameters are shards (FSDP, DeepSpeed: ``medcap.train.sharding.gather_trainable``); frozen ones
+    may be left out, and ``fingerprint`` is then the base's fingerprint taken before sharding.
 
     * ``adapter/``: the PEFT adapter (``save_pretrained``), loadable by PEFT itself for export;
     * ``trainable.safetensors``: every other parameter with ``requires_grad`` (fully trained
@@ -57,39 +69,42 @@ def save_trainable(model, directory: str | Path) -> list[str]:
     cfg = getattr(model, "medcap_config", None)
     written: list[str] = []
     adapter_names = _adapter_param_names(model)
+    named = dict(model.named_parameters())
+
+    def value(name: str) -> torch.Tensor:
+        return (state[name] if state is not None else named[name]).detach().cpu().contiguous()
+
     if isinstance(model, PeftModel):
         tmp = directory / "adapter.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
-        model.save_pretrained(str(tmp))
+        if state is not None:
+            model.save_pretrained(str(tmp), state_dict={n: value(n) for n in adapter_names})
+        else:
+            model.save_pretrained(str(tmp))
         final = directory / "adapter"
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
         written.append("adapter")
-    rest = {
-        _plain_name(n): p.detach().cpu().contiguous()
-        for n, p in model.named_parameters()
-        if p.requires_grad and n not in adapter_names
-    }
+    rest = {_plain_name(n): value(n) for n, p in named.items() if p.requires_grad and n not in adapter_names}
     if rest:
         _atomic_save(save_file, rest, directory / "trainable.safetensors")
         written.append("trainable.safetensors")
     if cfg is not None and (cfg.random_init or cfg.name_or_path in model.medcap_family.tiny_names):
         inner = unwrap(model)
-        _, total = count_parameters(inner)
-        if total <= BASE_WEIGHTS_LIMIT and cfg.quantization == "none":
+        total = sum(p.numel() for p in state.values()) if state is not None else count_parameters(inner)[1]
+        frozen = [n for n, p in named.items() if n not in adapter_names and not p.requires_grad]
+        have_frozen = state is None or all(n in state for n in frozen)
+        if total <= BASE_WEIGHTS_LIMIT and cfg.quantization == "none" and have_frozen:
             # Frozen base weights only: trained ones are in trainable.safetensors already.
-            base = {
-                _plain_name(n): p.detach().cpu().contiguous()
-                for n, p in model.named_parameters()
-                if n not in adapter_names and not p.requires_grad
-            }
+            base = {_plain_name(n): value(n) for n in frozen}
             if base:
                 _atomic_save(save_file, base, directory / "base.safetensors")
                 written.append("base.safetensors")
         else:
-            (directory / "base_fingerprint.txt").write_text(_fingerprint(model) + "\n", encoding="utf-8")
+            print_ = fingerprint or _fingerprint(model)
+            (directory / "base_fingerprint.txt").write_text(print_ + "\n", encoding="utf-8")
             written.append("base_fingerprint.txt")
     # A folder saved into again (checkpoints/last) must not keep files of another configuration.
     for stale in set(CheckpointLayout.MODEL_FILES) - set(written):
@@ -191,4 +206,4 @@ def load_checkpoint(directory: str | Path, verbose: bool = False) -> tuple[Any, 
     return model, processor, run_cfg
 
 
-__all__ = ["BASE_WEIGHTS_LIMIT", "load_checkpoint", "load_trainable", "save_trainable"]
+__all__ = ["BASE_WEIGHTS_LIMIT", "base_fingerprint", "load_checkpoint", "load_trainable", "save_trainable"]

@@ -31,7 +31,6 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from medcap.config.loader import diff_configs, save_config
@@ -39,6 +38,7 @@ from medcap.config.run import RunConfig, read_run_config
 from medcap.config.train import RESUME_MAY_DIFFER, RESUME_MAY_DIFFER_SECTIONS
 from medcap.data.manifest import ManifestRow, read_manifest
 from medcap.layout import CheckpointLayout, RunLayout
+from medcap.train import sharding
 from medcap.train.batches import CaptionDataset, PassBatches, epoch_batches, eval_batches
 from medcap.train.errors import NonFiniteLossError, TrainingError
 from medcap.train.logs import RunLog, flat_hyperparameters
@@ -47,6 +47,8 @@ from medcap.train.optim import lr_lambda, make_optimizer
 from medcap.train.select import improves, make_selector, share_figure, validation_captions
 from medcap.train.state import (
     Progress,
+    begin_checkpoint_dir,
+    commit_checkpoint_dir,
     format_hashes,
     manifest_hashes,
     progress_metrics,
@@ -55,7 +57,6 @@ from medcap.train.state import (
     rng_state,
     set_rng_state,
     to_plain_rng,
-    write_checkpoint_dir,
 )
 
 
@@ -89,7 +90,9 @@ class Run:
     log: RunLog
     resumed: bool
     selector: Any = None  # medcap.train.select.Selector when train.select_by is a metric
-    sharded: bool = False  # FSDP or DeepSpeed: parameters are split over the processes
+    sharded: bool = False  # FSDP or ZeRO-3: every forward gathers parameter shards (lockstep generation)
+    save_base: bool = False  # a small random-init base goes into the checkpoint (gathered when sharded)
+    base_print: str | None = None  # a large random-init base's fingerprint, taken before sharding
     on_validation: Callable[[int, float | None], bool] | None = None  # see fit()
     stopped_by_caller: bool = False
     loaders: dict[int, Any] = field(default_factory=dict)
@@ -294,7 +297,22 @@ def setup(cfg: RunConfig) -> Run:
         )
     optimizer = make_optimizer(trainable, tc)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc.schedule, warmup, total_steps))
+    save_base, base_print = _base_weights_kept(cfg, model, family)
+    if sharding.is_sharded(accelerator):
+        sharding.prepare_model(accelerator, model, tc.batch_size, tc.grad_accum)
+        if (
+            base_print is None
+            and (cfg.model.random_init or cfg.model.name_or_path in family.tiny_names)
+            and not save_base
+        ):
+            from medcap.model.checkpoint import base_fingerprint
+
+            base_print = base_fingerprint(model)  # of the full weights, before they are split
     model, optimizer = accelerator.prepare(model, optimizer)
+    if sharding.is_sharded(accelerator):
+        query_cache = sharding.after_prepare(accelerator, model, query_cache)
+        # FSDP swapped the parameters for sharded ones (the optimizer was pointed at them).
+        trainable = [p for p in model.parameters() if p.requires_grad]
 
     progress = Progress()
     if last is not None:
@@ -341,6 +359,9 @@ def setup(cfg: RunConfig) -> Run:
         ),
         resumed=last is not None,
         selector=selector,
+        sharded=sharding.params_sharded(accelerator),
+        save_base=save_base,
+        base_print=base_print,
     )
     if last is not None:
         run.say(
@@ -354,10 +375,23 @@ def setup(cfg: RunConfig) -> Run:
     run.say(
         f"training {len(train_rows)} images ({batches_per_epoch} global batches of {global_batch}, "
         f"{steps_per_epoch} steps/epoch, {total_steps} steps), validating on {len(valid_rows)}; "
-        f"{sum(p.numel() for p in trainable):,} trainable parameters; {world} process(es) on "
-        f"{accelerator.device}, mixed precision {tc.mixed_precision}"
+        f"{sum(p.numel() for p in run.trainable):,} trainable parameters"
+        + f"; {world} process(es) ({sharding.strategy(accelerator)}) on {accelerator.device}, mixed "
+        f"precision {tc.mixed_precision}"
     )
     return run
+
+
+def _base_weights_kept(cfg: RunConfig, model: Any, family: Any) -> tuple[bool, str | None]:
+    """Whether checkpoints keep the base weights (a small random-init or tiny base: no hub has them),
+    as ``save_trainable`` decides; the fingerprint is taken later, only when sharding needs it."""
+    from medcap.model.checkpoint import BASE_WEIGHTS_LIMIT
+
+    mc = cfg.model
+    if not (mc.random_init or mc.name_or_path in family.tiny_names):
+        return False, None
+    total = sum(p.numel() for p in model.parameters())
+    return total <= BASE_WEIGHTS_LIMIT and mc.quantization == "none", None
 
 
 def _accelerator(cfg: RunConfig) -> Any:
@@ -373,6 +407,7 @@ def _accelerator(cfg: RunConfig) -> Any:
         # find_unused_parameters costs a graph walk per step; frozen parameters are not "unused".
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
     )
+    sharding.enable_fsdp_on_cpu(accelerator)
     if accelerator.device.type == "cpu":
         world = accelerator.num_processes
         torch.set_num_threads(tc.cpu_threads or max(1, (os.cpu_count() or 1) // world - cfg.data.num_workers))
@@ -438,7 +473,6 @@ def _restore(
 
     from medcap.model.checkpoint import load_trainable
 
-    load_trainable(accelerator.unwrap_model(model), last.root)
     state = torch.load(last.train_state, map_location="cpu", weights_only=True)
     world = accelerator.num_processes
     if state["world_size"] != world:
@@ -446,7 +480,20 @@ def _restore(
             f"cannot resume from {last.root}: it was written by {state['world_size']} processes, "
             f"this run has {world}; the data order and RNG streams depend on it"
         )
-    optimizer.load_state_dict(state["optimizer"])
+    kind = sharding.strategy(accelerator)
+    if state.get("strategy", kind if kind in ("single", "ddp") else None) != kind and (
+        kind in ("fsdp", "deepspeed") or state.get("strategy") in ("fsdp", "deepspeed")
+    ):
+        raise TrainingError(
+            f"cannot resume from {last.root}: it was written under {state.get('strategy')}, this run is {kind}; "
+            "resume with the accelerate config it was trained with"
+        )
+    if sharding.is_sharded(accelerator):
+        # Each process loads its own shard of the trainable parameters and optimizer state.
+        sharding.load_sharded(accelerator, model, optimizer, last.sharded)
+    else:
+        load_trainable(accelerator.unwrap_model(model), last.root)
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if accelerator.scaler is not None and state.get("scaler"):
         accelerator.scaler.load_state_dict(state["scaler"])
@@ -509,12 +556,17 @@ def train_step(run: Run, micro: list[dict[str, Any]]) -> StepResult:
             s = batch_loss(run.model, batch, run.decoder_only, run.query_cache)
             # DDP averages gradients over processes: scale by world so the result is the
             # gradient of (sum of all token losses) / (all label tokens of the step).
-            acc.backward(s * world / n_tokens)
+            acc.backward(s * (world * sharding.loss_scale(acc, tc.grad_accum)) / n_tokens)
         loss_sum += s.detach().double()
     step_loss = float(acc.reduce(loss_sum, "sum") / n_tokens)
-    grad_norm = acc.clip_grad_norm_(run.trainable, tc.max_grad_norm or float("inf"))
-    grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-    finite = math.isfinite(step_loss) and (math.isfinite(grad_norm) or acc.scaler is not None)
+    measured = acc.clip_grad_norm_(run.trainable, tc.max_grad_norm or float("inf"))
+    if hasattr(measured, "full_tensor"):  # FSDP2: a DTensor
+        measured = measured.full_tensor()
+    grad_norm = float(measured) if measured is not None else float("nan")
+    # DeepSpeed clips inside its own step (gradient_clipping) and may report no norm here.
+    finite = math.isfinite(step_loss) and (
+        measured is None or math.isfinite(grad_norm) or acc.scaler is not None
+    )
     if finite or acc.scaler is not None:
         # With a scaler, it sees the inf/NaN gradients itself, skips and lowers its scale.
         run.optimizer.step()
@@ -603,10 +655,19 @@ def validation_loss(run: Run) -> float:
     net = run.accelerator.unwrap_model(run.model)
     net.eval()
     total = torch.zeros(2, dtype=torch.float64, device=run.device)
+    batches, real = run.eval_batches, len(run.eval_batches)
+    if run.sharded:
+        # Every forward gathers shards from all processes: all run as many, the extra ones unscored.
+        from accelerate.utils import gather_object
+
+        most = max(gather_object([real]))
+        batches = batches + [batches[-1] if batches else [0]] * (most - real)
     with torch.no_grad(), run.accelerator.autocast():
-        for batch in _load(run, run.eval_batches, run.valid_ds):
-            total[0] += batch_loss(net, batch, run.decoder_only, run.query_cache).double()
-            total[1] += label_token_count(batch["labels"], run.decoder_only)
+        for i, batch in enumerate(_load(run, batches, run.valid_ds)):
+            loss = batch_loss(net, batch, run.decoder_only, run.query_cache).double()
+            if i < real:
+                total[0] += loss
+                total[1] += label_token_count(batch["labels"], run.decoder_only)
     total = run.accelerator.reduce(total, "sum")
     net.train()
     return float(total[0] / total[1]) if total[1] > 0 else float("nan")
@@ -706,37 +767,44 @@ def _best_text(run: Run) -> str:
 def save(run: Run, which: str) -> None:
     """Write ``checkpoints/last`` (with the train state to resume from) or ``checkpoints/best``, atomically.
 
-    Every process takes part in ``last``: each one's RNG state goes into it.
+    Every process takes part in ``last``: each one's RNG state goes into it. Under FSDP or DeepSpeed
+    every process also writes its shard of the trainable state and optimizer into ``last/sharded``,
+    and the model files are gathered to the main process (``medcap.train.sharding``).
     """
     import torch
     from accelerate.utils import gather_object
 
-    acc = run.accelerator
+    acc, root = run.accelerator, run.layout.checkpoints
+    sharded = sharding.is_sharded(acc)
     states = gather_object([rng_state()]) if which == "last" else None
+    folder = begin_checkpoint_dir(root, which) if run.main else root / f".{which}.tmp"
+    acc.wait_for_everyone()  # the folder exists before any process writes its shard
+    state = None
+    if sharded:
+        if which == "last":
+            sharding.save_sharded(acc, run.model, run.optimizer, CheckpointLayout(folder).sharded)
+        state = sharding.gather_trainable(acc, run.model, with_frozen=run.save_base)
     if run.main:
-        train_state = None
+        from medcap.model.checkpoint import save_trainable
+
+        ckpt = CheckpointLayout(folder)
+        save_trainable(acc.unwrap_model(run.model), folder, state=state, fingerprint=run.base_print)
+        save_config(run.cfg, ckpt.config)
+        ckpt.data_hash.write_text(format_hashes(run.hashes), encoding="utf-8")
         if which == "last":
             train_state = {
                 "progress": dataclasses.asdict(run.progress),
-                "optimizer": run.optimizer.state_dict(),
+                # Sharded runs keep the optimizer in last/sharded, each process its own part.
+                "optimizer": None if sharded else run.optimizer.state_dict(),
                 "scheduler": run.scheduler.state_dict(),
                 "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
                 "rng": states,
                 "world_size": acc.num_processes,
+                "strategy": sharding.strategy(acc),
             }
-
-        def write(folder: Path) -> None:
-            from medcap.model.checkpoint import save_trainable
-
-            ckpt = CheckpointLayout(folder)
-            save_trainable(acc.unwrap_model(run.model), folder)
-            save_config(run.cfg, ckpt.config)
-            ckpt.data_hash.write_text(format_hashes(run.hashes), encoding="utf-8")
-            if train_state is not None:
-                torch.save(train_state, ckpt.train_state)
-            ckpt.metrics.write_text(json.dumps(progress_metrics(run.progress), indent=1), encoding="utf-8")
-
-        write_checkpoint_dir(run.layout.checkpoints, which, write)
+            torch.save(train_state, ckpt.train_state)
+        ckpt.metrics.write_text(json.dumps(progress_metrics(run.progress), indent=1), encoding="utf-8")
+        commit_checkpoint_dir(root, which)
     acc.wait_for_everyone()
 
 

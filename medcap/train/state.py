@@ -70,12 +70,24 @@ def write_checkpoint_dir(root: Path, name: str, write: Callable[[Path], None]) -
     A crash at any moment leaves either the previous folder (possibly parked as ``.name.old``) or the
     new one complete; ``recover_checkpoint_dir`` puts things back in place.
     """
+    write(begin_checkpoint_dir(root, name))
+    return commit_checkpoint_dir(root, name)
+
+
+def begin_checkpoint_dir(root: Path, name: str) -> Path:
+    """A fresh, empty ``root/.name.tmp`` to fill (the first half of ``write_checkpoint_dir``; with
+    several processes writing shards into it, they fill it between the two halves)."""
     root.mkdir(parents=True, exist_ok=True)
-    final, tmp, old = root / name, root / f".{name}.tmp", root / f".{name}.old"
+    tmp = root / f".{name}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    write(tmp)
+    return tmp
+
+
+def commit_checkpoint_dir(root: Path, name: str) -> Path:
+    """fsync ``root/.name.tmp`` and swap it in as ``root/name`` (the second half)."""
+    final, tmp, old = root / name, root / f".{name}.tmp", root / f".{name}.old"
     _fsync_tree(tmp)
     if final.exists():
         if old.exists():
