@@ -69,12 +69,14 @@ def _jpeg_segments(data: bytes) -> list[tuple[int, int, int]]:
     return out
 
 
-def progressive_jpeg_scan_bomb(side: int = 2048, scans: int = 20_000) -> bytes:
+def progressive_jpeg_scan_bomb(side: int = 2048, scans: int = 20_000, colour: bool = False) -> bytes:
     """A progressive JPEG whose last scan (an AC scan of a flat image: one end-of-band run, a few
     bytes) is repeated ``scans`` times. libjpeg processes every scan over the whole image, so decoding
-    time grows with ``scans`` x pixels while the file stays ~13 bytes per scan."""
+    time grows with ``scans`` x pixels while the file stays ~13 bytes per scan. ``colour``: a
+    3-channel file (prepare decodes those to check their colour)."""
     buf = io.BytesIO()
-    Image.new("L", (side, side), 128).save(buf, format="JPEG", progressive=True, quality=90)
+    flat = Image.new("RGB", (side, side), (128, 120, 110)) if colour else Image.new("L", (side, side), 128)
+    flat.save(buf, format="JPEG", progressive=True, quality=90)
     data = buf.getvalue()
     segments = _jpeg_segments(data)
     sos = [(s, e) for m, s, e in segments if m == 0xDA]
