@@ -182,38 +182,40 @@ with TestClient(app) as c:
 
 
 def test_decode_gate_bounds_slots_and_bytes_and_lets_cheap_images_first() -> None:
+    """One slot for costly decodes; cheap ones run beside it and before waiting costly ones, as long
+    as the bytes in flight stay within the budget; a cancelled waiter never runs."""
+    cheap, big = CHEAP_DECODE_BYTES // 2, CHEAP_DECODE_BYTES * 2
+
     async def scenario() -> tuple[int, int, list[str]]:
-        gate = DecodeGate(slots=2, budget=CHEAP_DECODE_BYTES * 3)
-        running, most, order = 0, 0, []
+        gate = DecodeGate(slots=1, budget=big + cheap + cheap // 2)  # room for one big and one cheap
+        running_big, most_big, order = 0, 0, []
         lock = threading.Lock()
 
         def work(tag: str) -> str:
-            nonlocal running, most
+            nonlocal running_big, most_big
             with lock:
-                running += 1
-                most = max(most, running)
+                running_big += tag.startswith("big")
+                most_big = max(most_big, running_big)
                 order.append(tag)  # the order decodes start in
             time.sleep(0.05)
             with lock:
-                running -= 1
+                running_big -= tag.startswith("big")
             return tag
 
-        big = CHEAP_DECODE_BYTES * 2
         tasks = [asyncio.ensure_future(gate.run(big, work, f"big{i}")) for i in range(3)]
-        await asyncio.sleep(0.01)  # big0 runs (two bigs do not fit the budget); big1, big2 wait
-        tasks += [asyncio.ensure_future(gate.run(1024, work, f"cheap{i}")) for i in range(2)]
+        await asyncio.sleep(0.01)  # big0 runs; big1 and big2 wait for the slot
+        tasks += [asyncio.ensure_future(gate.run(cheap, work, f"cheap{i}")) for i in range(2)]
         doomed = asyncio.ensure_future(gate.run(big, work, "cancelled"))
         await asyncio.sleep(0.01)
         doomed.cancel()
         await asyncio.gather(*tasks)
-        peak = gate.peak_in_flight
         assert gate.in_flight == 0 and gate.active == 0 and gate.waiting == 0
         gate.close()
-        return most, peak, order
+        return most_big, gate.peak_in_flight, order
 
-    most, peak, order = asyncio.run(scenario())
-    assert most <= 2 and peak <= CHEAP_DECODE_BYTES * 3
-    # big0 fits at once, so does cheap0 (second slot); cheap1 came after big1 and big2 but starts first
+    most_big, peak, order = asyncio.run(scenario())
+    assert most_big == 1 and peak <= big + cheap + cheap // 2
+    # cheap0 runs beside big0 at once; cheap1 must wait for bytes, but goes before big1 and big2
     assert order == ["big0", "cheap0", "cheap1", "big1", "big2"]  # the cancelled one never runs
 
 

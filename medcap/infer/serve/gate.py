@@ -1,17 +1,19 @@
-"""The service's decode budget: how many images are decoded at once, and how much memory all the
-decodes in flight may take together.
+"""The service's decode budget: how many large images are decoded at once, and how much memory all
+the decodes in flight may take together.
 
 Each upload's cost is estimated from its header before any pixel is decoded
-(``ImageHeader.decode_peak_bytes``); a decode starts only when a decoding thread is free and the
-costs in flight plus its own stay within the budget. Cheap images are let through before expensive
-ones, so a flood of large images delays ordinary requests by at most one large decode, not by the
-whole queue of them. A request whose client has gone is taken out of the waiting line.
+(``ImageHeader.decode_peak_bytes``). A decode starts only when the costs in flight plus its own stay
+within the budget; a costly one (over ``CHEAP_DECODE_BYTES``) also needs one of the ``slots``
+decoding threads. Cheap images have their own threads and go first in the waiting line, so a flood
+of large images neither holds ordinary requests behind it nor takes more than ``slots`` cores. A
+request whose client has gone is taken out of the waiting line.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -32,40 +34,52 @@ class _Waiter:
     future: asyncio.Future = field(compare=False)
 
 
+def default_decode_slots() -> int:
+    """Half the cores (at least one) decode large images; the rest serve the model and the requests."""
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
 class DecodeGate:
-    """At most ``slots`` decodes at once, and at most ``budget`` estimated bytes in flight together.
+    """At most ``slots`` costly decodes at once, and at most ``budget`` estimated bytes in flight
+    together (cheap and costly).
 
     ``run(cost, fn, *args)`` waits for its turn, runs ``fn`` in the gate's own threads and holds the
     cost until the thread has finished (also when the waiting request is cancelled meanwhile: the
     memory is in use until the decoder returns).
     """
 
-    def __init__(self, slots: int, budget: int) -> None:
+    def __init__(self, slots: int, budget: int, cheap_threads: int | None = None) -> None:
         if slots < 1 or budget < 1:
             raise ValueError(f"DecodeGate needs slots >= 1 and budget >= 1, got {slots}, {budget}")
         self.slots = slots
         self.budget = budget
         self.active = 0
+        """Costly decodes running (each holds a slot)."""
         self.in_flight = 0
         self.peak_in_flight = 0
         self._waiting: list[_Waiter] = []
         self._order = itertools.count()
         self._threads = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="medcap-decode")
+        self._cheap_threads = ThreadPoolExecutor(
+            max_workers=cheap_threads or max(2, os.cpu_count() or 2), thread_name_prefix="medcap-decode-small"
+        )
 
     @property
     def waiting(self) -> int:
         return len(self._waiting)
 
     def _fits(self, cost: int) -> bool:
-        return self.active < self.slots and self.in_flight + cost <= self.budget
+        if self.in_flight + cost > self.budget:
+            return False
+        return cost <= CHEAP_DECODE_BYTES or self.active < self.slots
 
     def _take(self, cost: int) -> None:
-        self.active += 1
+        self.active += cost > CHEAP_DECODE_BYTES
         self.in_flight += cost
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
 
     def _release(self, cost: int) -> None:
-        self.active -= 1
+        self.active -= cost > CHEAP_DECODE_BYTES
         self.in_flight -= cost
         self._grant()
 
@@ -114,8 +128,9 @@ class DecodeGate:
             raise ValueError(f"a decode of {cost} bytes can never fit the budget of {self.budget}")
         loop = asyncio.get_running_loop()
         async with self._admitted(cost) as give_back:
+            threads = self._threads if cost > CHEAP_DECODE_BYTES else self._cheap_threads
             try:
-                done: Future = self._threads.submit(fn, *args)
+                done: Future = threads.submit(fn, *args)
             except BaseException:
                 give_back()
                 raise
@@ -141,6 +156,7 @@ class DecodeGate:
 
     def close(self) -> None:
         self._threads.shutdown(wait=False, cancel_futures=True)
+        self._cheap_threads.shutdown(wait=False, cancel_futures=True)
 
 
-__all__ = ["CHEAP_DECODE_BYTES", "DecodeGate"]
+__all__ = ["CHEAP_DECODE_BYTES", "DecodeGate", "default_decode_slots"]

@@ -4,13 +4,14 @@ response bodies, and the error every refusal is."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from medcap.config.generate import MIN_REPETITION_PENALTY, MIN_TEMPERATURE, GenerateConfig
+from medcap.infer.serve.gate import default_decode_slots
 
 
 @dataclass
@@ -38,8 +39,9 @@ class ServeLimits:
     decode_budget_bytes: int = 1024 * 1024 * 1024
     """Memory all decodes in flight may take together, by each image's estimate from its header;
     further uploads wait for their turn (cheap images first)."""
-    max_concurrent_decodes: int = 2
-    """Images decoded at the same time (each in a decoding thread)."""
+    max_concurrent_decodes: int = field(default_factory=default_decode_slots)
+    """Large images (over 64 MiB by their estimate) decoded at the same time, each in a decoding
+    thread; default half the cores. Small images have threads of their own and go first."""
     header_timeout_s: float = 10.0
     """A connection whose request headers are not complete this long after it opened (or after the
     previous response) is closed."""
