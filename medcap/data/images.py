@@ -393,8 +393,7 @@ def _pil_to_rgb(im: Image.Image) -> Image.Image:
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         # 16-bit / 32-bit / float grey: Pillow's own convert clips to 0..255; scale by range instead.
         values = np.asarray(im)
-        as_float = _as_float64
-        return _rgb_image(_uint8_in_strips(values, _minmax_transform(_finite_range(values, as_float))))
+        return _rgb_image(_uint8_in_strips(values, _minmax_transform(_finite_range(values, _as_float64))))
     if mode == "P":
         im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
         mode = im.mode
