@@ -254,8 +254,15 @@ def load_captioner(
         net, processor = build_model(cfg, verbose=verbose)
         if adapter_dir is not None:
             from peft import PeftModel
+            from safetensors import SafetensorError
 
-            net = PeftModel.from_pretrained(net, str(adapter_dir))
+            try:
+                net = PeftModel.from_pretrained(net, str(adapter_dir))
+            except SafetensorError as e:
+                raise ValueError(
+                    f"{adapter_dir}: the adapter weights are not a complete safetensors file ({e}); copy the "
+                    "adapter folder again"
+                ) from None
             net.eval()
         cap = Captioner(
             model=net,
