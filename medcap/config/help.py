@@ -192,4 +192,13 @@ def settings_help(cls: type, width: int = 100) -> str:
     return "\n".join(lines).lstrip("\n")
 
 
-__all__ = ["ALIASES", "Setting", "dataclass_of", "field_docs", "settings", "settings_help", "suggest", "type_name"]
+__all__ = [
+    "ALIASES",
+    "Setting",
+    "dataclass_of",
+    "field_docs",
+    "settings",
+    "settings_help",
+    "suggest",
+    "type_name",
+]
