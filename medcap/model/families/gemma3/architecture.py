@@ -53,6 +53,9 @@ class Gemma3Kit:
     def matches_hub_id(self, name: str) -> bool:
         return re.search(r"medgemma|gemma-3-(4|12|27)b", name.lower()) is not None
 
+    def claims_config(self, config: dict[str, Any]) -> bool:
+        return True
+
     def model_class(self) -> type:
         from transformers import Gemma3ForConditionalGeneration
 

@@ -60,6 +60,9 @@ class LlavaNextKit:
     def matches_hub_id(self, name: str) -> bool:
         return re.search(r"llava-v1\.6|llava-next|llava-1\.6", name.lower()) is not None
 
+    def claims_config(self, config: dict[str, Any]) -> bool:
+        return True
+
     def model_class(self) -> type:
         from transformers import LlavaNextForConditionalGeneration
 

@@ -38,6 +38,9 @@ class PaliGemmaKit:
     def matches_hub_id(self, name: str) -> bool:
         return re.search(r"paligemma", name.lower()) is not None
 
+    def claims_config(self, config: dict[str, Any]) -> bool:
+        return True
+
     def model_class(self) -> type:
         from transformers import PaliGemmaForConditionalGeneration
 

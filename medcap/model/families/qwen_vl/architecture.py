@@ -75,6 +75,9 @@ class QwenKit:
         tag = r"qwen2\.5-vl" if self.version == "2.5" else r"qwen3-vl"
         return re.search(tag, name.lower()) is not None
 
+    def claims_config(self, config: dict[str, Any]) -> bool:
+        return True
+
     # --- classes and configs --------------------------------------------------------------
 
     def model_class(self) -> type:

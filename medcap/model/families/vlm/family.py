@@ -42,6 +42,10 @@ class Kit(Protocol):
         """Whether a hub id whose config is not here names one of this family's models."""
         ...
 
+    def claims_config(self, config: Mapping[str, Any]) -> bool:
+        """Whether a config.json of one of ``model_types`` is this kit's (InstructBLIP: which LM)."""
+        ...
+
     def model_class(self) -> type: ...
 
     def config_from_dict(self, data: dict[str, Any]) -> Any: ...
@@ -135,7 +139,7 @@ class VlmFamily:
         if name_or_path in self.tiny_names:
             return True
         if config is not None:
-            return config.get("model_type") in self.kit.model_types
+            return config.get("model_type") in self.kit.model_types and self.kit.claims_config(config)
         return bool(name_or_path) and self.kit.matches_hub_id(name_or_path)
 
     def shipped_config(self, name_or_path: str) -> Path | None:
