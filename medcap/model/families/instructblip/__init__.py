@@ -32,7 +32,7 @@ _COMMON = {
 _PARTS = {
     "vision": ("vision_model.",),
     "qformer": ("qformer.", "query_tokens"),
-    "projection": ("language_projection.",),
+    "projection": ("language_projection",),
 }
 _LICENSES = {"Salesforce/instructblip-vicuna-7b": "other", "Salesforce/instructblip-flan-t5-xl": "mit"}
 
