@@ -292,6 +292,7 @@ class QwenKit:
                 heads=v.num_heads,
                 patch_flops=2 * 3 * v.temporal_patch_size * v.patch_size**2 * v.hidden_size,
                 gated=self.version == "2.5",
+                rms_norm=self.version == "2.5",
             ),
             projector_in=v.hidden_size * merge * merge,
             projector_hidden=v.hidden_size * merge * merge,
