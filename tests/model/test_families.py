@@ -46,7 +46,9 @@ def _names_outside(package: Path, pattern: str) -> list[str]:
             elif isinstance(node, ast.Constant) and isinstance(node.value, str):
                 names = regex.findall(node.value)
             offenders += [
-                f"{path.relative_to(PACKAGE)}:{getattr(node, 'lineno', '?')} {n}" for n in names if regex.fullmatch(n)
+                f"{path.relative_to(PACKAGE)}:{getattr(node, 'lineno', '?')} {n}"
+                for n in names
+                if regex.fullmatch(n)
             ]
     return offenders
 

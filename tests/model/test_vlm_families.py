@@ -96,7 +96,12 @@ def test_protocol_and_scoped_presets(family):
     cfg = cfg_of(family)
     assert resolve_family(cfg) is family
     model, _ = build_model(cfg, verbose=False)
-    scope = {"vision": "vision", "projector": "projection", "qformer-qv": "qformer", "qformer-attn": "qformer"}
+    scope = {
+        "vision": "vision",
+        "projector": "projection",
+        "qformer-qv": "qformer",
+        "qformer-attn": "qformer",
+    }
     for preset in family.target_presets:
         _, matched = resolve_targets(model, PeftSettings(targets=preset), family)
         assert matched, preset
@@ -126,7 +131,10 @@ def test_labels_are_the_caption_and_its_end_tokens_only(family):
             # The labelled tokens are the last real ones: nothing after them but padding.
             last = int(batch["attention_mask"][row].sum())
             assert int(positions[-1]) == last - 1
-    assert tok.decode(batch["labels"][0][batch["labels"][0] != -100][: -len(layout.end_ids)]).strip() == captions[0]
+    assert (
+        tok.decode(batch["labels"][0][batch["labels"][0] != -100][: -len(layout.end_ids)]).strip()
+        == captions[0]
+    )
     # Per-token processor outputs were extended over the caption: same shape as input_ids.
     for name in layout.token_fields:
         assert batch[name].shape == batch["input_ids"].shape
@@ -162,7 +170,10 @@ def test_batched_generation_equals_one_image_at_a_time(family):
     images = [image(0), image(1, (96, 64)), image(0, (64, 120)), image(1)]
     gen = GenerateConfig(batch_size=4, max_new_tokens=6)
     together = generate_token_ids(model, processor, images, gen)
-    alone = [generate_token_ids(model, processor, [im], GenerateConfig(batch_size=1, max_new_tokens=6))[0] for im in images]
+    alone = [
+        generate_token_ids(model, processor, [im], GenerateConfig(batch_size=1, max_new_tokens=6))[0]
+        for im in images
+    ]
     assert together == alone
     assert all(len(ids) > 0 for ids in together)
 
@@ -207,16 +218,26 @@ def test_merged_export_loads_with_plain_transformers(family, tmp_path):
     out = export(ckpt, tmp_path / "merged", merge=True)
     model_class, processor_class = family.export_classes
     plain = getattr(transformers, model_class).from_pretrained(out)
-    config = json.loads((out / "processor_config.json").read_text()) if (out / "processor_config.json").is_file() else {}
+    config = (
+        json.loads((out / "processor_config.json").read_text())
+        if (out / "processor_config.json").is_file()
+        else {}
+    )
     assert config.get("processor_class", processor_class) == processor_class
     ip = transformers.AutoImageProcessor.from_pretrained(out)
     tok = transformers.AutoTokenizer.from_pretrained(out)
-    assert type(ip).__name__ == type(processor.image_processor).__name__ and len(tok) == len(processor.tokenizer)
+    assert type(ip).__name__ == type(processor.image_processor).__name__ and len(tok) == len(
+        processor.tokenizer
+    )
     # medcap reads the same folder as a base model (its family from config.json) and captions alike.
-    reloaded, reprocessor = build_model(ModelConfig(name_or_path=str(out), peft=PeftSettings(method="none")), verbose=False)
+    reloaded, reprocessor = build_model(
+        ModelConfig(name_or_path=str(out), peft=PeftSettings(method="none")), verbose=False
+    )
     assert reloaded.medcap_family is family and type(unwrap(reloaded)) is type(plain)
     gen = GenerateConfig(max_new_tokens=5)
-    assert caption_images(reloaded, reprocessor, [image(0)], gen) == caption_images(model, processor, [image(0)], gen)
+    assert caption_images(reloaded, reprocessor, [image(0)], gen) == caption_images(
+        model, processor, [image(0)], gen
+    )
 
 
 def _png(im: Image.Image) -> bytes:
@@ -254,7 +275,7 @@ def test_visual_tokens_and_activation_memory_follow_max_pixels(name):
     big = image(0, (400, 400))
     counts, activations = [], []
     family = resolve_family(ModelConfig(name_or_path=name, peft=PeftSettings(method="none")))
-    unit = {"tiny-qwen2.5-vl": 16, "tiny-qwen3-vl": 16, "tiny-idefics3": 32, "tiny-llava-next": 32}[name]
+    unit = {"tiny-qwen2.5-vl": 16, "tiny-qwen3-vl": 16, "tiny-idefics3": 48, "tiny-llava-next": 48}[name]
     caps = [(4 * unit) ** 2, (2 * unit) ** 2] if name != "tiny-llava-next" else [(2 * unit) ** 2, 2 * unit**2]
     for cap in caps:
         cfg = ModelConfig(name_or_path=name, max_pixels=cap, peft=PeftSettings(targets="lm-attn"))
@@ -271,7 +292,9 @@ def test_max_pixels_reaches_training_predict_and_the_service(tmp_path):
     """The cap is part of the checkpoint's config: the captioner predict and the service load has it."""
     from medcap.infer.generate import load_captioner
 
-    cfg = ModelConfig(name_or_path="tiny-qwen2.5-vl", max_pixels=32 * 32, peft=PeftSettings(targets="lm-qv", r=4))
+    cfg = ModelConfig(
+        name_or_path="tiny-qwen2.5-vl", max_pixels=32 * 32, peft=PeftSettings(targets="lm-qv", r=4)
+    )
     model, processor = build_model(cfg, verbose=False)
     assert processor.image_processor.size.longest_edge == 32 * 32
     ckpt = tmp_path / "ckpt"
@@ -285,7 +308,9 @@ def test_max_pixels_reaches_training_predict_and_the_service(tmp_path):
 
 
 def test_an_image_beyond_the_family_limit_is_refused_naming_the_limit():
-    cfg = cfg_of(resolve_family(ModelConfig(name_or_path="tiny-qwen2.5-vl", peft=PeftSettings(method="none"))))
+    cfg = cfg_of(
+        resolve_family(ModelConfig(name_or_path="tiny-qwen2.5-vl", peft=PeftSettings(method="none")))
+    )
     model, processor = build_model(cfg, verbose=False)
     strip = Image.new("RGB", (2010, 10))
     with pytest.raises(ImageLimitError, match=r"2010 x 10 px image: Qwen-VL takes aspect ratios up to 200:1"):
@@ -301,13 +326,15 @@ def test_an_image_beyond_the_family_limit_is_refused_naming_the_limit():
         ("tiny-gemma3", {"min_pixels": 100}, "does not apply to Gemma 3"),
         ("tiny-qwen2.5-vl", {"image_size": 64}, "bound it with model.min_pixels / model.max_pixels"),
         ("tiny-qwen2.5-vl", {"max_pixels": 100}, "less than one 16 x 16 px unit"),
-        ("tiny-idefics3", {"max_pixels": 100}, "less than one 32 x 32 px tile"),
+        ("tiny-idefics3", {"max_pixels": 100}, "less than one 48 x 48 px tile"),
         ("tiny-instructblip", {"max_pixels": 10_000}, "does not apply to InstructBLIP"),
     ],
 )
 def test_image_settings_a_family_cannot_honour_are_refused(name, setting, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
-        build_model(ModelConfig(name_or_path=name, peft=PeftSettings(method="none"), **setting), verbose=False)
+        build_model(
+            ModelConfig(name_or_path=name, peft=PeftSettings(method="none"), **setting), verbose=False
+        )
 
 
 def test_min_pixels_above_max_pixels_is_refused_when_the_config_loads():
@@ -331,5 +358,7 @@ def test_hub_ids_and_config_files_map_to_their_families(tmp_path: Path):
         assert resolve_family(ModelConfig(name_or_path=hub_id, peft=none)).name == name, hub_id
     folder = tmp_path / "m"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"model_type": "instructblip", "text_config": {"model_type": "t5"}}))
+    (folder / "config.json").write_text(
+        json.dumps({"model_type": "instructblip", "text_config": {"model_type": "t5"}})
+    )
     assert resolve_family(ModelConfig(name_or_path=str(folder), peft=none)).name == "instructblip-t5"

@@ -43,7 +43,9 @@ def _one_thread():
 def test_activation_formula_matches_saved_tensors(family, regime):
     precision, targets, dropout, tolerance = REGIMES[regime]
     cfg = ModelConfig(
-        name_or_path=family.tiny_names[0], precision=precision, peft=PeftSettings(targets=targets, dropout=dropout)
+        name_or_path=family.tiny_names[0],
+        precision=precision,
+        peft=PeftSettings(targets=targets, dropout=dropout),
     )
     meta, planned_family = plan_lib.meta_model(cfg)
     spec = planned_family.plan_spec(meta)

@@ -262,7 +262,11 @@ class Blip2PlanSpec:
         from medcap.model.tokenizer import offline_tokenizer
 
         prompt = model_cfg.prompt
-        n = len(offline_tokenizer("bos-first")(prompt, add_special_tokens=False)["input_ids"]) if prompt else 0
+        n = (
+            len(offline_tokenizer("bos-first")(prompt, add_special_tokens=False)["input_ids"])
+            if prompt
+            else 0
+        )
         return self.dims.num_query_tokens + 1 + n
 
     def end_tokens(self, model_cfg: Any) -> int:

@@ -36,8 +36,9 @@ TEMPLATE = (
     "{{ '<end_of_utterance>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
 
-#: Tiny model: 32 px tiles of 8 px patches, 2 x 2 patches shuffled into one token: 4 tokens a tile.
-TINY_TILE = 32
+#: Tiny model: 48 px tiles of 8 px patches, 3 x 3 patches shuffled into one token (SmolVLM's
+#: factor): 4 tokens a tile.
+TINY_TILE = 48
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ class Idefics3Kit:
             max_position_embeddings=2048,
             initializer_range=0.05,
         )
-        config = Idefics3Config(vision_config=vision.to_dict(), text_config=text.to_dict(), scale_factor=2)
+        config = Idefics3Config(vision_config=vision.to_dict(), text_config=text.to_dict(), scale_factor=3)
         config.initializer_range = 0.05
         self.wire(config, tokenizer)
         return config

@@ -40,8 +40,8 @@ VICUNA_TEMPLATE = (
     "{% if add_generation_prompt %}{{ ' ASSISTANT:' }}{% endif %}"
 )
 
-#: Tiny model: 32 px crops of 8 px patches (16 tokens a crop), anyres grids up to 2 x 2.
-TINY_CROP = 32
+#: Tiny model: 48 px crops of 16 px patches (9 tokens a crop), anyres grids up to 2 x 2.
+TINY_CROP = 48
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ class LlavaNextKit:
             num_hidden_layers=2,
             num_attention_heads=4,
             image_size=TINY_CROP,
-            patch_size=8,
+            patch_size=16,
             projection_dim=64,
             initializer_range=0.05,
         )
@@ -107,7 +107,7 @@ class LlavaNextKit:
             vision_config=vision.to_dict(),
             text_config=text.to_dict(),
             image_grid_pinpoints=[[c, 2 * c], [2 * c, c], [2 * c, 2 * c]],
-            image_seq_length=(c // 8) ** 2,
+            image_seq_length=(c // 16) ** 2,
             # A one-layer-deep tiny tower: its last layer's output, not the one before (-2).
             vision_feature_layer=-1,
         )

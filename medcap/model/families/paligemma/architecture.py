@@ -57,7 +57,7 @@ class PaliGemmaKit:
         return tok
 
     def tiny_config(self, tokenizer: Any) -> Any:
-        """PaliGemma 2's structure: a 2-layer, 64-wide SigLIP on 64 px images of 8 px patches (64 image
+        """PaliGemma 2's structure: a 2-layer, 64-wide SigLIP on 64 px images of 16 px patches (16 image
         tokens) and a 2-layer, 64-wide Gemma 2."""
         from transformers import Gemma2Config, PaliGemmaConfig, SiglipVisionConfig
 
@@ -68,7 +68,7 @@ class PaliGemmaKit:
             num_hidden_layers=2,
             num_attention_heads=4,
             image_size=64,
-            patch_size=8,
+            patch_size=16,
             vision_use_head=False,
         )
         text = Gemma2Config(

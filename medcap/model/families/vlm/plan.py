@@ -184,7 +184,13 @@ INPUT_GROUPS = {
 
 
 def lora_bytes(
-    targets: list[tuple[str, int, int]], t: int, e: ActDtypes, r: int, dropout: float, shared: bool, frozen_input: bool
+    targets: list[tuple[str, int, int]],
+    t: int,
+    e: ActDtypes,
+    r: int,
+    dropout: float,
+    shared: bool,
+    frozen_input: bool,
 ) -> int:
     """Bytes the LoRA adapters of ONE layer keep: per target its input (in the adapter's fp32, or the
     autocast copy), lora_A's output and, with dropout, the dropout mask. ``shared``: the input needs
@@ -384,7 +390,9 @@ class VlmPlanSpec:
             targets = _per_layer(
                 [x for x in trainable.adapter_targets if component(x[0], self.family) == "vision"], v.layers
             )
-            lora_dropout = model_cfg.peft.dropout if model_cfg.peft.method in ("lora", "dora", "rslora") else 0.0
+            lora_dropout = (
+                model_cfg.peft.dropout if model_cfg.peft.method in ("lora", "dora", "rslora") else 0.0
+            )
             e = ActDtypes(vis_e, vis_e, vis_e, 4, 4, 4)
             layer_lora = lora_bytes(targets, b * n, e, model_cfg.peft.r, lora_dropout, False, False)
             first_lora = lora_bytes(targets, b * n, e, model_cfg.peft.r, lora_dropout, False, True)
@@ -403,8 +411,12 @@ class VlmPlanSpec:
         instruction tokens, the cross-attention keys and values over the image tokens."""
         q = self.config.qformer_config
         tokens = self.config.num_query_tokens + max(g.prefix_tokens - self.config.num_query_tokens, 0)
-        trains = "qformer" in trainable.grad_components and (model_cfg.train_qformer or model_cfg.full_finetune)
-        layer = encoder_layer_saved_bytes(b, tokens, q.hidden_size, q.intermediate_size, q.num_attention_heads, 4, trains)
+        trains = "qformer" in trainable.grad_components and (
+            model_cfg.train_qformer or model_cfg.full_finetune
+        )
+        layer = encoder_layer_saved_bytes(
+            b, tokens, q.hidden_size, q.intermediate_size, q.num_attention_heads, 4, trains
+        )
         cross = q.num_hidden_layers // max(q.cross_attention_frequency, 1)
         cross_kv = cross * 2 * 4 * b * n * q.hidden_size + 4 * b * n * self.dims.vision.hidden
         return int(q.num_hidden_layers * layer + cross_kv)
@@ -468,4 +480,12 @@ def _per_layer(targets: list[tuple[str, int, int]], layers: int) -> list[tuple[s
     return out
 
 
-__all__ = ["DecoderDims", "EncoderDims", "Geometry", "VlmDims", "VlmPlanSpec", "decoder_dims_of", "vision_dims_of"]
+__all__ = [
+    "DecoderDims",
+    "EncoderDims",
+    "Geometry",
+    "VlmDims",
+    "VlmPlanSpec",
+    "decoder_dims_of",
+    "vision_dims_of",
+]
