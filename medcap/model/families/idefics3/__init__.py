@@ -34,7 +34,6 @@ IDEFICS3 = VlmFamily(
     export_classes=("Idefics3ForConditionalGeneration", "Idefics3Processor"),
     base_licenses={
         "HuggingFaceTB/SmolVLM-Instruct": "apache-2.0",
-        "HuggingFaceTB/SmolVLM-256M-Instruct": "apache-2.0",
     },
     quant_skip=("lm_head", "connector"),
 )

@@ -51,7 +51,6 @@ class Idefics3Kit:
     def shipped(self) -> dict[str, str]:
         return {
             "HuggingFaceTB/SmolVLM-Instruct": "smolvlm-instruct",
-            "HuggingFaceTB/SmolVLM-256M-Instruct": "smolvlm-256m-instruct",
         }
 
     def matches_hub_id(self, name: str) -> bool:

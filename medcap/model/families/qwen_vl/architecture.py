@@ -192,17 +192,22 @@ class QwenKit:
         patch, merge = vision.patch_size, vision.spatial_merge_size
         factor = patch * merge
         tiny = vision.hidden_size <= 128
-        # Qwen3-VL normalises with mean = std = 0.5 (its published preprocessor config); 2.5 with CLIP's.
+        # The published preprocessor configs: Qwen2.5-VL 56 x 56 .. 12,845,056 pixels (16,384 tokens),
+        # Qwen3-VL 65,536 .. 16,777,216 with mean = std = 0.5. The tiny models see 64-80 px images.
+        if tiny:
+            low, high = factor * factor, 80 * 80
+        elif self.version == "2.5":
+            low, high = 56 * 56, 12_845_056
+        else:
+            low, high = 65_536, 16_777_216
         norm = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]} if self.version == "3" else {}
         image_processor = Qwen2VLImageProcessorPil(
             **norm,
             patch_size=patch,
             merge_size=merge,
             temporal_patch_size=vision.temporal_patch_size,
-            # The published defaults (Qwen2.5-VL: 56 x 56 .. 28 x 28 x 1280; Qwen3-VL with 32 px
-            # units: 64 x 64 .. 32 x 32 x 1280 ... ); the tiny models see 64-80 px images.
-            min_pixels=(factor * 2) ** 2 if not tiny else factor * factor,
-            max_pixels=factor * factor * 1280 if not tiny else 80 * 80,
+            min_pixels=low,
+            max_pixels=high,
         )
         return image_only_processor(
             self._processor_class(), image_processor, tokenizer, chat_template(self.version)
