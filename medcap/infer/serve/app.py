@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import hmac
 import logging
 import time
@@ -28,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import medcap
 from medcap.config.generate import GenerateConfig
-from medcap.data.images import SUPPORTED_FORMATS, read_image
+from medcap.data.images import SUPPORTED_FORMATS
 from medcap.infer.serve.batcher import Batcher, CaptionFn, ServeMetrics
 from medcap.infer.serve.schemas import (
     GENERATION_FIELDS,
@@ -388,10 +387,11 @@ def create_app(
     if caption_fn is None:
         from medcap.infer.generate import caption_images as caption_fn
     if read_image_fn is None:
+        from medcap.infer.generate import model_image_reader
         from medcap.model.families import family_of
 
-        side = family_of(model).image_side(processor)
-        read_image_fn = functools.partial(read_image, max_pixels=limits.max_pixels, min_size=side)
+        # Images beyond the family's limits are refused per upload (422, the limit named).
+        read_image_fn = model_image_reader(family_of(model), processor, limits.max_pixels)
 
     def run_model(images: list, gen: GenerateConfig) -> list[str]:
         import torch
