@@ -33,7 +33,8 @@ class PeftSettings:
     targets: str | list[str] = "lm-qv"
     """A preset expression of the model family, such as ``lm-qv`` (the language model's q,v: PEFT's
     default and the original project's), ``lm-attn`` (q,k,v,out), ``lm-all`` (all linears of the
-    LANGUAGE MODEL ONLY), ``qformer-qv``, ``qformer-attn`` (BLIP-2's Q-Former), combined with ``+``
+    LANGUAGE MODEL ONLY), ``vision`` (the vision tower's linears), ``projector`` (the vision-to-language
+    projector), ``qformer-qv``, ``qformer-attn`` (BLIP-2's and InstructBLIP's Q-Former), combined with ``+``
     (``lm-all+qformer-attn``); or a list of module names passed to PEFT as they are (PEFT matches a
     name anywhere: ``fc1`` reaches the vision tower too). ``medcap train --dry-run`` prints what matched."""
 
@@ -67,11 +68,17 @@ class ModelConfig:
     """Which model to build, in which precision, and which of its parameters train."""
 
     name_or_path: str = "Salesforce/blip2-opt-6.7b"
-    """A hub id (``Salesforce/blip2-opt-6.7b``), a local folder holding config.json (+ weights), or
-    a built-in tiny model of a family (``tiny``: BLIP-2 with OPT, ``tiny-t5``: BLIP-2 with T5)."""
+    """A hub id (``Salesforce/blip2-opt-6.7b``, ``Qwen/Qwen2.5-VL-7B-Instruct``,
+    ``llava-hf/llava-v1.6-mistral-7b-hf``, ``google/paligemma2-3b-pt-224``, ``google/medgemma-4b-it``,
+    ``HuggingFaceTB/SmolVLM-Instruct``, ``Salesforce/instructblip-vicuna-7b`` ...), a local folder
+    holding config.json (+ weights), or a built-in tiny model of a family (``tiny``: BLIP-2 with OPT,
+    ``tiny-t5``: BLIP-2 with T5, ``tiny-qwen2.5-vl``, ``tiny-qwen3-vl``, ``tiny-llava-next``,
+    ``tiny-paligemma``, ``tiny-gemma3``, ``tiny-idefics3``, ``tiny-instructblip``,
+    ``tiny-instructblip-t5``)."""
     family: str = "auto"
-    """Model family (``medcap.model.families``: blip2-opt, blip2-t5); ``auto`` reads it from the
-    model's config.json or the hub id."""
+    """Model family (``medcap.model.families``: blip2-opt, blip2-t5, qwen2.5-vl, qwen3-vl, llava-next,
+    paligemma, gemma3, idefics3, instructblip, instructblip-t5); ``auto`` reads it from the model's
+    config.json or the hub id."""
     random_init: bool = False
     """Build the architecture with random weights instead of loading them: no hub needed for the
     shipped configs. For dry runs, benchmarks and memory checks."""

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from medcap.config.model import ModelConfig
-from medcap.model.adapters import apply_peft, count_parameters, set_trainable, summarize, unwrap
+from medcap.model.adapters import apply_peft, count_parameters, scope_counts, set_trainable, summarize, unwrap
 from medcap.model.cpu import cpu_has_native_half_matmul, upcast_frozen_linears_on_cpu
 from medcap.model.families import resolve_family
 from medcap.model.family import ModelFamily
@@ -132,7 +132,10 @@ def _build_model(cfg: ModelConfig, verbose: bool, meta: bool) -> tuple[Any, Any]
             f"({100 * trainable / max(total, 1):.3f}%), built in {seconds:.1f} s"
         )
         if cfg.peft.method != "none":
-            print(f"peft {cfg.peft.method} r={cfg.peft.r} on {len(matched)} modules: {summarize(matched)}")
+            scopes = ", ".join(f"{k} {v}" for k, v in scope_counts(matched, cfg.peft, family).items())
+            print(
+                f"peft {cfg.peft.method} r={cfg.peft.r} on {len(matched)} modules ({scopes}): {summarize(matched)}"
+            )
     return model, processor
 
 

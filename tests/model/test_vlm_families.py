@@ -362,3 +362,13 @@ def test_hub_ids_and_config_files_map_to_their_families(tmp_path: Path):
         json.dumps({"model_type": "instructblip", "text_config": {"model_type": "t5"}})
     )
     assert resolve_family(ModelConfig(name_or_path=str(folder), peft=none)).name == "instructblip-t5"
+
+
+def test_the_build_prints_each_scope_with_its_module_count(capsys):
+    build_model(
+        ModelConfig(name_or_path="tiny-qwen2.5-vl", peft=PeftSettings(targets="lm-all+vision+projector")),
+        verbose=True,
+    )
+    out = capsys.readouterr().out
+    # 2 LM layers x 7 linears, 2 vision blocks x 5, the merger's 2.
+    assert "peft lora r=16 on 26 modules (lm-all 14, vision 10, projector 2):" in out
