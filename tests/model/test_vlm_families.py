@@ -372,3 +372,39 @@ def test_the_build_prints_each_scope_with_its_module_count(capsys):
     out = capsys.readouterr().out
     # 2 LM layers x 7 linears, 2 vision blocks x 5, the merger's 2.
     assert "peft lora r=16 on 26 modules (lm-all 14, vision 10, projector 2):" in out
+
+
+@pytest.mark.parametrize("name", [*(f.tiny_names[0] for f in VLM), "tiny"])
+def test_checkpointing_leaves_a_frozen_vision_tower_out_of_the_backward_pass(name):
+    """transformers' and peft's input-embedding hooks would pull the frozen vision tower into the
+    autograd graph (activations kept, a backward through every frozen layer); build_model removes
+    them, and the adapters still get their gradients (non-reentrant checkpointing)."""
+    from medcap.model.families import resolve_family
+
+    cfg = ModelConfig(name_or_path=name, gradient_checkpointing=True, peft=PeftSettings(targets="lm-qv", r=4))
+    family = resolve_family(cfg)
+    model, processor = build_model(cfg, verbose=False)
+    vision = next(
+        m
+        for n, m in unwrap(model).named_modules()
+        if n.startswith(family.parts["vision"]) and n.count(".") <= 3 and list(m.parameters())
+    )
+    seen = []
+    handle = vision.register_forward_hook(
+        lambda m, i, o: seen.append(
+            (o[0] if isinstance(o, tuple) else getattr(o, "last_hidden_state", o)).requires_grad
+        )
+    )
+    if isinstance(family, VlmFamily):
+        batch = family.collator(processor, cfg, 8)([(image(0), "a small mass"), (image(1), "none")])
+    else:
+        from tests.fixtures import caption_collator
+
+        batch = caption_collator(processor, cfg, 64)([(image(0), "a small mass"), (image(1), "none")])
+    model.train()
+    out = model(**batch) if family.decoder_only else model(**batch)
+    handle.remove()
+    assert seen and not any(seen), seen
+    out.loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
