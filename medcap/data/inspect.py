@@ -53,6 +53,14 @@ from typing import Any, Literal
 
 from PIL import Image, ImageChops, ImageFile, UnidentifiedImageError
 
+from medcap.data.decode_limits import (
+    DEFAULT_MAX_DECODED_BYTES,
+    MAX_JPEG_SCANS,
+    DecodeLimitError,
+    check_decoded_bytes,
+    decoded_bytes_per_pixel,
+    jpeg_scan_count,
+)
 from medcap.data.images import PIL_FORMATS, claimed_format
 
 ColorPolicy = Literal["stored-rgb", "true-color", "all"]
@@ -82,6 +90,8 @@ class InspectOptions:
 
     max_pixels: int = DEFAULT_MAX_PIXELS
     """Images with more pixels (width x height, from the header) are skipped as decompression bombs."""
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES
+    """Images whose decoded frame would take more bytes (from the header) are skipped likewise."""
     check_color: bool = True
     """Decode multi-channel images at 1/8 scale to tell true colour from grey stored as RGB."""
     verify_decode: bool = False
@@ -219,6 +229,23 @@ def inspect_image(path: str, opts: InspectOptions) -> ImageInfo:
                 info.reason = "too_many_pixels"
                 info.detail = f"{info.width} x {info.height} = {pixels:,} pixels > limit {opts.max_pixels:,}"
                 return info
+            try:
+                bpp = decoded_bytes_per_pixel(info.mode)
+                check_decoded_bytes(info.width, info.height, bpp, opts.max_decoded_bytes, info.mode)
+            except DecodeLimitError as e:
+                info.reason, info.detail = "too_many_pixels", str(e)
+                return info
+            if info.format in ("JPEG", "MPO") and (im.info.get("progressive") or im.info.get("progression")):
+                # libjpeg runs every scan over the whole image, draft mode included: count them first.
+                f.seek(0)
+                scans = jpeg_scan_count(f.read(), stop_after=MAX_JPEG_SCANS)
+                if scans > MAX_JPEG_SCANS:
+                    info.reason = "too_many_scans"
+                    info.detail = (
+                        f"a progressive JPEG with more than {MAX_JPEG_SCANS} scans (real encoders write "
+                        "6 to about 20): decoding it would take minutes; re-save it as a baseline JPEG or PNG"
+                    )
+                    return info
             ext_fmt = _EXT_FORMATS.get(os.path.splitext(path)[1].lower())
             if ext_fmt and info.format and ext_fmt != info.format:
                 info.notes.append(
