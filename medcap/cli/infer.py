@@ -201,7 +201,7 @@ def cmd_predict(argv: list[str]) -> int:
     """``medcap predict --checkpoint RUN --split test [--prepared DIR] [--out FILE]``."""
     from medcap.config.data import DataConfig
     from medcap.config.run import read_run_config
-    from medcap.infer.predict import PredictError, predict, prepared_of_run
+    from medcap.infer.predict import PredictError, predict, prepared_of_run, process_device
     from medcap.layout import RunLayout, resolve_checkpoint
 
     p = argparse.ArgumentParser(
@@ -253,6 +253,8 @@ def cmd_predict(argv: list[str]) -> int:
         return 2
     out = args.out or RunLayout(run_dir or ckpt).predictions(args.split)
 
+    # Under `accelerate launch`, each process captions on its own device (GPU k, or the CPU).
+    args.device = process_device(args.device)
     loaded = _load_with_decoding("medcap predict", args)
     if loaded is None:
         return 2
@@ -263,9 +265,12 @@ def cmd_predict(argv: list[str]) -> int:
     except PredictError as e:
         print(f"medcap predict: {e}", file=sys.stderr)
         return 2
+    if not result.main:  # the main process wrote, checks and reports the one submission
+        return 0
     rate = round(result.images / result.seconds, 3) if result.seconds > 0 else None
+    by = f" by {result.processes} processes" if result.processes > 1 else ""
     print(
-        f"medcap predict: {result.images} images captioned in {result.seconds:.1f} s ({rate} images/s); "
+        f"medcap predict: {result.images} images captioned{by} in {result.seconds:.1f} s ({rate} images/s); "
         f"submission {result.submission} and {result.zip}",
         file=sys.stderr,
     )

@@ -6,6 +6,12 @@ and writes ``out`` (``ID,Caption`` in manifest order), a zip holding it as ``sub
 the challenge site takes) and ``<split>.meta.json`` (model, decoding, timing, unreadable IDs), then
 checks the file as ``medcap check-submission`` would. An image that cannot be read gets an empty
 caption and a warning, so the file still has every ID.
+
+Under ``accelerate launch`` (several processes, one per GPU, or CPU processes on gloo) the batches
+are dealt out round-robin: process k captions batches k, k+N, k+2N ... of the single-process run,
+so every batch holds the same images as with one process (same padding, same per-batch sampling
+seed: the same captions); the main process gathers them and writes the one submission, in
+ground-truth order.
 """
 
 from __future__ import annotations
@@ -41,6 +47,31 @@ class PredictResult:
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
     """Problems the submission check found (a bug if not empty: the writer made an invalid file)."""
+    processes: int = 1
+    """How many processes captioned (``accelerate launch``); only the main one wrote the files."""
+    main: bool = True
+    """Whether this process is the one that wrote the files (prints and exit codes belong to it)."""
+
+
+def process_state(device: str | None = None) -> Any:
+    """accelerate's ``PartialState`` when this process is one of several (``accelerate launch``),
+    else None (a plain run never initialises torch.distributed). ``device`` ``cpu`` (or a machine
+    without GPUs) makes the processes CPU ones on gloo; otherwise each one takes its own GPU."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=str(device or "").startswith("cpu") or not torch.cuda.is_available())
+
+
+def process_device(device: str | None = None) -> str | None:
+    """The device to caption on: ``device`` when given, else this process's own under ``accelerate
+    launch`` (GPU k, or the CPU), else None (the caller's default)."""
+    state = process_state(device)
+    return device or (str(state.device) if state is not None else None)
 
 
 def prepared_of_run(run_cfg: RunConfig | None, ckpt: Path | None, split: str) -> Path:
@@ -79,20 +110,25 @@ def predict(
     rows = read_manifest(manifest, limit=limit)
     if not rows:
         raise PredictError(f"{manifest} has no rows")
+    state = process_state(captioner.info.get("device"))
+    world, rank = (state.num_processes, state.process_index) if state is not None else (1, 0)
+    # Whole batches, round-robin: every batch is the one a single process would caption.
+    batches = [rows[i : i + gen.batch_size] for i in range(0, len(rows), gen.batch_size)]
+    mine = [r for b in batches[rank::world] for r in b]
     captions: dict[str, str] = {}
     failed: list[str] = []
     t0 = time.perf_counter()
     with tqdm(
-        total=len(rows),
+        total=len(mine),
         desc=f"predict {split or manifest.parent.name}",
         unit="img",
         dynamic_ncols=True,
         file=sys.stderr,
         smoothing=0.1,
-        disable=not progress,
+        disable=not progress or rank != 0,
     ) as bar:
         read = captioner.image_reader()  # the same draft-mode decode as training
-        for batch in prefetched(rows, gen.batch_size, lambda r: read(r.image)):
+        for batch in prefetched(mine, gen.batch_size, lambda r: read(r.image)):
             good = [(r, im) for r, im in batch if not isinstance(im, BaseException)]
             for r, err in batch:
                 if isinstance(err, BaseException):
@@ -104,6 +140,29 @@ def predict(
                 for (r, _), text in zip(good, captioner.caption([im for _, im in good], gen), strict=True):
                     captions[r.id] = text
             bar.update(len(batch))
+    if state is not None:
+        from accelerate.utils import gather_object
+
+        parts = gather_object([(captions, failed)])
+        if rank != 0:
+            state.wait_for_everyone()  # the main process has written the files when this returns
+            return PredictResult(
+                out,
+                out.with_suffix(".zip"),
+                prediction_meta(out),
+                len(rows),
+                [],
+                time.perf_counter() - t0,
+                [],
+                world,
+                main=False,
+            )
+        captions = {k: v for part, _ in parts for k, v in part.items()}
+        bad = {i for _, part in parts for i in part}
+        failed = [r.id for r in rows if r.id in bad]
+        missing = [r.id for r in rows if r.id not in captions]
+        if missing:  # a bug in the split, never a reason to write a short submission
+            raise PredictError(f"{len(missing)} IDs were captioned by no process, e.g. {missing[:3]}")
     seconds = time.perf_counter() - t0
 
     ids = [r.id for r in rows]
@@ -121,11 +180,14 @@ def predict(
         "prompt": captioner.prompt,
         "generate": asdict(gen),
         "limit": limit,
+        "processes": world,
     }
     meta_path = prediction_meta(out)
     meta_path.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     errors = check_submission(out, ids)
-    return PredictResult(out, zipped, meta_path, len(rows), failed, seconds, errors)
+    if state is not None:
+        state.wait_for_everyone()
+    return PredictResult(out, zipped, meta_path, len(rows), failed, seconds, errors, world)
 
 
-__all__ = ["PredictError", "PredictResult", "predict", "prepared_of_run"]
+__all__ = ["PredictError", "PredictResult", "predict", "prepared_of_run", "process_device", "process_state"]
