@@ -12,7 +12,7 @@ from medcap.plan.planner import plan
 
 
 def cmd_plan(argv: list[str]) -> int:
-    """``medcap plan --config CONFIG --gpu t4|v100-16|v100-32|a10|a100-40|a100-80|h100 [--gpus N]``, or
+    """``medcap plan --config CONFIG --gpu t4|v100-16|v100-32|a10|a100-40|a100-80|h100 [--gpus N] [--zero 2|3]``, or
     ``medcap plan --all-configs --gpu t4,v100-16,a100-80,h100`` for one table of every shipped config."""
     from medcap.config.loader import ConfigError
     from medcap.config.run import load_run_config
@@ -37,6 +37,13 @@ def cmd_plan(argv: list[str]) -> int:
         help="plan every shipped config (medcap configs) on each --gpu and print one table",
     )
     p.add_argument("--gpus", type=int, default=1, help="number of GPUs (data parallel); default 1")
+    p.add_argument(
+        "--zero",
+        type=int,
+        choices=(2, 3),
+        help="memory per GPU under DeepSpeed ZeRO-2 (gradients and optimizer state split over --gpus) or "
+        "ZeRO-3 (the weights too; also FSDP's full sharding); default: DDP, every GPU holds everything",
+    )
     p.add_argument("--batch-size", type=int, help="micro-batch per GPU (default: train.batch_size)")
     p.add_argument(
         "--utilisation",
@@ -68,6 +75,7 @@ def cmd_plan(argv: list[str]) -> int:
             args.batch_size,
             args.utilisation,
             config_name=str(args.config) if args.config else "defaults",
+            zero=args.zero,
         )
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"medcap plan: {e}", file=sys.stderr)

@@ -28,11 +28,14 @@ class MemoryBreakdown:
     activations: int
     logits: int
     overhead: int
+    gathered: int = 0
+    """ZeRO-3 / FSDP: full weights of the layers gathered at a time (the one computing, the one prefetched)."""
 
     @property
     def total(self) -> int:
         return (
             self.weights
+            + self.gathered
             + self.trainable_bytes
             + self.gradients
             + self.optimizer
@@ -142,6 +145,19 @@ def component(name: str, family: ModelFamily) -> str:
     return "lm"
 
 
+def largest_layer_bytes(model: Any, weights: int) -> int:
+    """Bytes of the largest layer that ZeRO-3 / FSDP gathers whole: the biggest module of a class
+    transformers lists in ``_no_split_modules`` (decoder, ViT and Q-Former layers), at the dtypes of
+    the (meta) model, scaled by ``weights`` over the model's own bytes (quantized weights are smaller)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+
+    def nbytes(module: Any) -> int:
+        return sum(p.numel() * p.element_size() for p in module.parameters())
+
+    largest = max((nbytes(m) for m in model.modules() if type(m).__name__ in names), default=0)
+    return int(largest * weights / max(nbytes(model), 1))
+
+
 def trainable_parameters(model: Any, model_cfg: ModelConfig, family: ModelFamily) -> Trainable:
     """Count what ``build_model`` makes trainable, from module shapes alone."""
     from medcap.model.adapters import TRAIN_FLAGS, resolve_targets
@@ -244,21 +260,37 @@ def memory_for_batch(
     gpu: GpuSpec,
     gpus: int,
     device: str,
+    zero: int | None = None,
+    layer_bytes: int = 0,
 ) -> MemoryBreakdown:
-    """The memory breakdown for micro-batch ``b`` at sequence length ``s``."""
+    """The memory breakdown for micro-batch ``b`` at sequence length ``s``.
+
+    ``zero``: None for DDP (every GPU holds everything, plus DDP's gradient buckets); 2 for DeepSpeed
+    ZeRO-2 (gradients and optimizer state split over the ``gpus``); 3 for ZeRO-3 or FSDP full
+    sharding (the weights too; each GPU gathers whole layers of ``layer_bytes`` for their forward and
+    backward, the one computing and the one prefetched). Activations are never split.
+    """
     e = act_dtypes(model_cfg, mixed_precision, device)
     acts, logits = spec.activation_bytes(trainable, model_cfg, e, b, s, mixed_precision)
     adapter_bytes = 4 * trainable.adapter_params  # PEFT keeps adapters in fp32 (autocast_adapter_dtype)
     grads = adapter_bytes + trainable.module_param_bytes
-    if gpus > 1:
-        grads += adapter_bytes + trainable.module_param_bytes  # DDP's gradient buckets
     opt = optimizer_bytes(trainable, optimizer)
+    by_kind, gathered = weights_by_kind, 0
+    if zero is None:
+        if gpus > 1:
+            grads += adapter_bytes + trainable.module_param_bytes  # DDP's gradient buckets
+    else:
+        grads, opt = -(-grads // gpus), -(-opt // gpus)
+        if zero == 3:
+            weights, adapter_bytes = -(-weights // gpus), -(-adapter_bytes // gpus)
+            by_kind = {k: -(-v // gpus) for k, v in weights_by_kind.items()}
+            gathered = 2 * layer_bytes if gpus > 1 else 0
     # Allocator slack: blocks cached between the forward's and the backward's different sizes.
     slack = 0.0 if device == "cpu" else 0.08 * (acts + logits)
     overhead = int(gpu.context_gib * GIB + slack)
     return MemoryBreakdown(
         weights=weights,
-        weights_by_kind=weights_by_kind,
+        weights_by_kind=by_kind,
         trainable_params=trainable.total,
         trainable_bytes=adapter_bytes,
         gradients=grads,
@@ -266,6 +298,7 @@ def memory_for_batch(
         activations=acts,
         logits=logits,
         overhead=overhead,
+        gathered=gathered,
     )
 
 
@@ -275,6 +308,7 @@ __all__ = [
     "Trainable",
     "act_dtypes",
     "component",
+    "largest_layer_bytes",
     "memory_for_batch",
     "optimizer_bytes",
     "quantized_weight_bytes",

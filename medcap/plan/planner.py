@@ -11,7 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 from medcap.model.family import ModelFamily
 from medcap.plan.gpus import DEFAULT_MFU, GIB, GPUS, GpuSpec
-from medcap.plan.memory import MemoryBreakdown, memory_for_batch, trainable_parameters, weight_bytes
+from medcap.plan.memory import (
+    MemoryBreakdown,
+    largest_layer_bytes,
+    memory_for_batch,
+    trainable_parameters,
+    weight_bytes,
+)
 
 if TYPE_CHECKING:
     from medcap.config.model import ModelConfig
@@ -50,6 +56,8 @@ class Plan:
     train_images_source: str
     epoch_seconds: float
     warnings: list[str] = field(default_factory=list)
+    strategy: str = "ddp"
+    """How the GPUs share the model: ddp (full copies), zero2 or zero3 (DeepSpeed; zero3 = FSDP)."""
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -63,12 +71,14 @@ class Plan:
         def gb(x: float) -> str:
             return f"{x / GIB:8.2f} GiB"
 
+        shard = " (this GPU's shard)" if self.strategy == "zero3" else ""
+
         lines = [
             f"plan for {self.config}: {self.model}",
             f"  precision {self.precision}, mixed precision {self.mixed_precision}, quantization "
             f"{self.quantization}, peft {self.peft}, gradient checkpointing "
             f"{'on' if self.gradient_checkpointing else 'off'}, optimizer {self.optimizer}",
-            f"  micro-batch {self.batch_size} per GPU x {self.gpus} GPU(s); sequence {self.seq_len_max} tokens "
+            f"  micro-batch {self.batch_size} per GPU x {self.gpus} GPU(s) ({_STRATEGIES[self.strategy]}); sequence {self.seq_len_max} tokens "
             f"at most (image tokens + template + prompt + caption cap + end), {self.seq_len_mean:.1f} on average",
             f"  parameters: {self.total_params / 1e9:.3f}B total, {self.trainable_params / 1e6:.3f}M trainable",
             f"memory per GPU on {self.gpu_spec.name} ({self.gpu_spec.memory_mib / 1024:.1f} GiB):",
@@ -76,7 +86,8 @@ class Plan:
         for kind, nbytes in sorted(m.weights_by_kind.items(), key=lambda kv: -kv[1]):
             lines.append(f"  weights {kind:<34}{gb(nbytes)}")
         lines += [
-            f"  weights, all{'':<30}{gb(m.weights)}",
+            f"  weights, all{shard:<30}{gb(m.weights)}",
+            *([f"  weights gathered (2 whole layers){'':<9}{gb(m.gathered)}"] if m.gathered else []),
             f"  trainable parameters (adapters){'':<11}{gb(m.trainable_bytes)}",
             f"  gradients{'':<33}{gb(m.gradients)}",
             f"  optimizer state ({self.optimizer}){'':<{max(1, 24 - len(self.optimizer))}}{gb(m.optimizer)}",
@@ -94,6 +105,13 @@ class Plan:
         ]
         lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
+
+
+_STRATEGIES = {
+    "ddp": "DDP: every GPU holds the whole model",
+    "zero2": "DeepSpeed ZeRO-2: gradients and optimizer state split",
+    "zero3": "DeepSpeed ZeRO-3 / FSDP: weights, gradients and optimizer state split",
+}
 
 
 def _duration(seconds: float) -> str:
@@ -203,12 +221,17 @@ def plan(
     batch_size: int | None = None,
     utilisation: float | None = None,
     config_name: str = "config",
+    zero: int | None = None,
 ) -> Plan:
-    """Plan ``run_cfg`` (a ``RunConfig``) on ``gpus`` GPUs of type ``gpu`` (a key of ``GPUS``)."""
+    """Plan ``run_cfg`` (a ``RunConfig``) on ``gpus`` GPUs of type ``gpu`` (a key of ``GPUS``).
+
+    ``zero``: None for DDP, 2 or 3 for DeepSpeed ZeRO-2 / ZeRO-3 (3 is also FSDP's full sharding)."""
     if gpu not in GPUS:
         raise ValueError(f"unknown GPU {gpu!r}; choose one of {', '.join(GPUS)}")
     if gpus < 1:
         raise ValueError(f"--gpus must be at least 1, got {gpus}")
+    if zero not in (None, 2, 3):
+        raise ValueError(f"--zero must be 2 or 3, got {zero}")
     gpu_spec = GPUS[gpu]
     mc = run_cfg.model
     tc = run_cfg.train
@@ -224,10 +247,24 @@ def plan(
     )
     device = "cpu" if gpu == "cpu" else "cuda"
     mp = tc.mixed_precision
+    layer = largest_layer_bytes(model, weights) if zero == 3 else 0
 
     def mem(batch: int) -> MemoryBreakdown:
         return memory_for_batch(
-            batch, s_max, spec, trainable, weights, by_kind, mc, tc.optimizer, mp, gpu_spec, gpus, device
+            batch,
+            s_max,
+            spec,
+            trainable,
+            weights,
+            by_kind,
+            mc,
+            tc.optimizer,
+            mp,
+            gpu_spec,
+            gpus,
+            device,
+            zero=zero,
+            layer_bytes=layer,
         )
 
     breakdown = mem(b)
@@ -299,6 +336,11 @@ def plan(
     ]
     if extra:
         peft_desc += " + full " + ", ".join(extra)
+    if zero is not None and mc.quantization != "none":
+        warnings.append(
+            f"ZeRO-{zero} over {mc.quantization} bitsandbytes weights: DeepSpeed shards only floating-point "
+            "tensors; plan with DDP (QLoRA fits one GPU) or model.quantization none"
+        )
     return Plan(
         config=config_name,
         model=mc.name_or_path,
@@ -328,4 +370,5 @@ def plan(
         train_images_source=img_source,
         epoch_seconds=epoch_s,
         warnings=warnings,
+        strategy="ddp" if zero is None else f"zero{zero}",
     )

@@ -358,3 +358,37 @@ def test_qformer_training_formula_is_within_12_percent(tmp_path):
         trainable, cfg, act_dtypes(cfg, "no", "cpu"), 3, 74
     )
     assert predicted == pytest.approx(measured, rel=0.12)
+
+
+def test_zero_2_and_3_split_what_each_strategy_splits(tmp_path, capsys):
+    """A full fine-tune of BLIP-2 6.7B in bf16 on 4 GPUs: ZeRO-2 divides gradients and optimizer state
+    by 4 and keeps every weight; ZeRO-3 divides the weights too and adds two whole OPT decoder layers
+    (4 x 4096^2 attention + 2 x 4096 x 16384 MLP = 201M parameters, 2 bytes each) gathered at a time.
+    Activations are the same under every strategy (each GPU still runs its own micro-batch)."""
+    cfg = _run_cfg(tmp_path, precision="bf16", full_finetune=True, peft=PeftSettings(method="none"))
+    ddp, z2, z3 = (plan_lib.plan(cfg, "a100-80", gpus=4, zero=z) for z in (None, 2, 3))
+    one = plan_lib.plan(cfg, "a100-80", gpus=1)
+    # DDP's gradient buckets double the gradients; ZeRO-2 keeps a quarter of one copy.
+    assert ddp.memory.gradients == 2 * one.memory.gradients
+    assert z2.memory.gradients == pytest.approx(one.memory.gradients / 4, abs=1)
+    assert z2.memory.optimizer == pytest.approx(ddp.memory.optimizer / 4, abs=1)
+    assert z2.memory.weights == ddp.memory.weights and z2.memory.gathered == 0
+    assert z3.memory.weights == pytest.approx(ddp.memory.weights / 4, abs=1)
+    decoder_layer = 4 * 4096 * 4096 + 2 * 4096 * 16384
+    assert z3.memory.gathered == pytest.approx(2 * decoder_layer * 2, rel=0.01)
+    assert z3.memory.activations == ddp.memory.activations == z2.memory.activations
+    assert ddp.memory.total > z2.memory.total > z3.memory.total
+    assert z3.max_batch_size > z2.max_batch_size > ddp.max_batch_size
+    # The CLI prints the strategy and the gathered layers; a ZeRO stage other than 2 or 3 is refused.
+    yaml_path = tmp_path / "cfg.yaml"
+    yaml_path.write_text(
+        "model:\n  name_or_path: Salesforce/blip2-opt-6.7b\n  precision: bf16\n  full_finetune: true\n"
+        "  peft:\n    method: none\n",
+        encoding="utf-8",
+    )
+    assert cmd_plan(["--config", str(yaml_path), "--gpu", "a100-80", "--gpus", "4", "--zero", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "ZeRO-3 / FSDP" in out and "weights gathered (2 whole layers)" in out
+    with pytest.raises(SystemExit):
+        cmd_plan(["--config", str(yaml_path), "--gpu", "a100-80", "--zero", "1"])
+    assert "--zero: invalid choice: 1" in capsys.readouterr().err
