@@ -299,7 +299,7 @@ def setup(cfg: RunConfig) -> Run:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc.schedule, warmup, total_steps))
     save_base, base_print = _base_weights_kept(cfg, model, family)
     if sharding.is_sharded(accelerator):
-        sharding.prepare_model(accelerator, model, tc.batch_size, tc.grad_accum)
+        sharding.prepare_model(accelerator, model, tc.batch_size, tc.grad_accum, tc.max_grad_norm)
         if (
             base_print is None
             and (cfg.model.random_init or cfg.model.name_or_path in family.tiny_names)
@@ -482,19 +482,20 @@ def _restore(
     from medcap.model.checkpoint import load_trainable
 
     state = torch.load(last.train_state, map_location="cpu", weights_only=True)
+    kind = sharding.strategy(accelerator)
+    # Checkpoints older than sharded training hold no strategy: they were single-process or DDP.
+    written = state.get("strategy", "ddp" if state["world_size"] > 1 else "single")
+    if written != kind and {written, kind} & {"fsdp", "deepspeed"}:
+        raise TrainingError(
+            f"cannot resume from {last.root}: it was written under {written}, this run is {kind} (the "
+            "trainable state and optimizer are stored differently); resume with the accelerate config "
+            "it was trained with"
+        )
     world = accelerator.num_processes
     if state["world_size"] != world:
         raise TrainingError(
             f"cannot resume from {last.root}: it was written by {state['world_size']} processes, "
             f"this run has {world}; the data order and RNG streams depend on it"
-        )
-    kind = sharding.strategy(accelerator)
-    if state.get("strategy", kind if kind in ("single", "ddp") else None) != kind and (
-        kind in ("fsdp", "deepspeed") or state.get("strategy") in ("fsdp", "deepspeed")
-    ):
-        raise TrainingError(
-            f"cannot resume from {last.root}: it was written under {state.get('strategy')}, this run is {kind}; "
-            "resume with the accelerate config it was trained with"
         )
     if sharding.is_sharded(accelerator):
         # Each process loads its own shard of the trainable parameters and optimizer state.

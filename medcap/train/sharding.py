@@ -74,7 +74,9 @@ def enable_fsdp_on_cpu(accelerator: Any) -> None:
         accelerator.state.distributed_type = DistributedType.FSDP
 
 
-def prepare_model(accelerator: Any, model: Any, batch_size: int, grad_accum: int) -> None:
+def prepare_model(
+    accelerator: Any, model: Any, batch_size: int, grad_accum: int, max_grad_norm: float | None = None
+) -> None:
     """Settings the strategy needs before ``accelerator.prepare`` (see the module docstring)."""
     kind = strategy(accelerator)
     if kind == "fsdp":
@@ -104,6 +106,13 @@ def prepare_model(accelerator: Any, model: Any, batch_size: int, grad_accum: int
         ds["train_micro_batch_size_per_gpu"] = batch_size
         ds["gradient_accumulation_steps"] = grad_accum
         ds["train_batch_size"] = batch_size * grad_accum * accelerator.num_processes
+        # DeepSpeed clips inside its own step (accelerate's clip_grad_norm_ does nothing there).
+        ds["gradient_clipping"] = float(max_grad_norm or 0.0)
+        offload = (ds.get("zero_optimization") or {}).get("offload_optimizer") or {}
+        if offload.get("device", "none") != "none":
+            # fit() makes its own optimizer (train.optimizer); with the optimizer state offloaded to
+            # the CPU, DeepSpeed otherwise insists on its own CPU Adam.
+            ds["zero_force_ds_cpu_optimizer"] = False
 
 
 def after_prepare(accelerator: Any, model: Any, query_cache: Any = None) -> Any:

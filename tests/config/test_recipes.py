@@ -165,8 +165,8 @@ def test_each_family_config_dry_runs_on_its_tiny_model(path: Path, tmp_path: Pat
         "1",
         "--train.progress_bar",
         "false",
-        "--train.tensorboard",
-        "false",
+        "--train.report_to",
+        "csv",
         "--generate.max_new_tokens",
         "4",
         "--generate.min_new_tokens",
@@ -187,3 +187,46 @@ def test_family_configs_match_their_hardware() -> None:
         cfg = load_run_config(RECIPES_DIR / f"{name}.yaml")
         assert cfg.model.precision == "bf16" and cfg.train.mixed_precision == "bf16"  # Ampere or newer
     assert load_run_config(RECIPES_DIR / "paligemma2-3b-lora.yaml").model.prompt == "caption en"
+
+
+def test_accelerate_configs_ship_load_in_accelerate_and_say_when_to_use_them(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """DDP, FSDP2, DeepSpeed ZeRO-2 and ZeRO-3: package data that accelerate's own config reader takes,
+    each opening with the command that uses it and a comment on when to choose it."""
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.utils import DistributedType
+
+    from medcap.cli.configs import cmd_configs
+    from medcap.config.recipes import accelerate_config, accelerate_configs, describe
+
+    shipped = accelerate_configs()
+    assert set(shipped) == {"ddp", "fsdp2", "deepspeed-zero2", "deepspeed-zero3"}
+    kinds = {
+        "ddp": DistributedType.MULTI_GPU,
+        "fsdp2": DistributedType.FSDP,
+        "deepspeed-zero2": DistributedType.DEEPSPEED,
+        "deepspeed-zero3": DistributedType.DEEPSPEED,
+    }
+    for name, path in shipped.items():
+        cfg = ClusterConfig.from_yaml_file(str(path))
+        assert cfg.distributed_type == kinds[name], name
+        assert cfg.mixed_precision == "no", f"{name}: medcap sets train.mixed_precision itself"
+        words = _command(path)
+        assert words[:3] == ["accelerate", "launch", "--config_file"] and "medcap" in words, words
+        assert f"$(medcap configs --accelerate {name})" in path.read_text().splitlines()[0]
+        assert len(describe(path).split()) >= 8, f"{name}: say what it is for"
+        text = path.read_text(encoding="utf-8").lower()
+        assert "use it when" in text or "the first choice" in text or "last resort" in text, name
+        assert accelerate_config(name) == path
+    assert ClusterConfig.from_yaml_file(str(shipped["fsdp2"])).fsdp_config["fsdp_version"] == 2
+    for name, stage in (("deepspeed-zero2", 2), ("deepspeed-zero3", 3)):
+        assert ClusterConfig.from_yaml_file(str(shipped[name])).deepspeed_config["zero_stage"] == stage
+    # `medcap configs --accelerate NAME` prints the path (for $(...)); a wrong name lists the shipped ones.
+    assert cmd_configs(["--accelerate", "fsdp2"]) == 0
+    assert capsys.readouterr().out.strip() == str(shipped["fsdp2"])
+    assert cmd_configs(["--accelerate", "fsdp"]) == 2
+    assert "shipped: ddp, deepspeed-zero2, deepspeed-zero3, fsdp2" in capsys.readouterr().err
+    assert cmd_configs(["--accelerate"]) == 0
+    listing = capsys.readouterr().out
+    assert all(name in listing for name in shipped)

@@ -12,11 +12,29 @@ from pathlib import Path
 from medcap.config.loader import ConfigError
 
 RECIPES_DIR = Path(__file__).resolve().parent
+ACCELERATE_DIR = RECIPES_DIR / "accelerate"
 
 
 def shipped_configs() -> dict[str, Path]:
     """``{name: path}`` of every shipped run config, sorted by name."""
     return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
+
+
+def accelerate_configs() -> dict[str, Path]:
+    """``{name: path}`` of the shipped accelerate configs (ddp, fsdp2, deepspeed-zero2, deepspeed-zero3):
+    what ``accelerate launch --config_file`` takes to train on several GPUs."""
+    return {p.stem: p for p in sorted(ACCELERATE_DIR.glob("*.yaml"))}
+
+
+def accelerate_config(name: str) -> Path:
+    """The shipped accelerate config of that name; an unknown name lists the shipped ones."""
+    shipped = accelerate_configs()
+    key = Path(name).name.removesuffix(".yaml").removesuffix(".yml")
+    if key not in shipped:
+        raise ConfigError(
+            f"no shipped accelerate config {name!r}; shipped: {', '.join(shipped)} (medcap configs --accelerate)"
+        )
+    return shipped[key]
 
 
 def describe(path: Path) -> str:
@@ -56,4 +74,12 @@ def resolve_config(name_or_path: str | Path) -> Path:
     )
 
 
-__all__ = ["RECIPES_DIR", "describe", "resolve_config", "shipped_configs"]
+__all__ = [
+    "ACCELERATE_DIR",
+    "RECIPES_DIR",
+    "accelerate_config",
+    "accelerate_configs",
+    "describe",
+    "resolve_config",
+    "shipped_configs",
+]
