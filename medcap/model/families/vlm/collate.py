@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # torch loads where a batch is made: the family table must stay light
+if TYPE_CHECKING:
     import torch
 
 
@@ -137,7 +137,7 @@ class PromptCaptionCollator:
         return out
 
     def _decoder_only(self, enc: Any, captions: list[list[int]]) -> dict[str, torch.Tensor]:
-        import torch
+        import torch  # here, not at module level: settings load without torch
 
         pad = self.tokenizer.pad_token_id
         lengths = enc["attention_mask"].sum(dim=1).tolist()
@@ -163,7 +163,7 @@ class PromptCaptionCollator:
         return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, **fields}
 
     def _encoder_decoder(self, captions: list[list[int]]) -> dict[str, torch.Tensor]:
-        import torch
+        import torch  # here, not at module level: settings load without torch
 
         # The labels are the caption and its EOS; the model shifts them right itself to make the
         # decoder inputs (-100 becomes the decoder start token).
