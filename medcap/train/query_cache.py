@@ -463,6 +463,12 @@ class RemovedModule:
         )
 
 
+def remember_vision_fingerprint(model: Any) -> None:
+    """Record the vision side's fingerprint on the model now (``forward_from_cache`` checks the cache
+    against it): before FSDP or ZeRO-3 split the weights into shards that cannot be hashed whole."""
+    unwrap(model).medcap_vision_fingerprint = vision_fingerprint(model)
+
+
 def strip_vision(model: Any) -> int:
     """Free the frozen vision side of a model that trains from the cache; returns bytes freed.
 

@@ -300,6 +300,9 @@ def setup(cfg: RunConfig) -> Run:
     save_base, base_print = _base_weights_kept(cfg, model, family)
     if sharding.is_sharded(accelerator):
         sharding.prepare_model(accelerator, model, tc.batch_size, tc.grad_accum, tc.max_grad_norm)
+        if query_cache is not None:
+            # The cache's check hashes the vision weights: take it before they are split in shards.
+            query_cache.remember_vision_fingerprint(model)
         if (
             base_print is None
             and (cfg.model.random_init or cfg.model.name_or_path in family.tiny_names)

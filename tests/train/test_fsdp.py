@@ -124,3 +124,44 @@ def test_fsdp_on_two_cpu_processes_matches_one_process_and_resumes_exactly(
             mb["best_step"],
             mb["best_score"],
         )
+
+
+@pytest.mark.slow
+def test_fsdp_trains_from_the_query_cache_as_one_process_does(tmp_path: Path) -> None:
+    """train.query_cache under FSDP: the cached forward goes through a method FSDP registered
+    (``sharding.after_prepare``), so the shards are gathered for it; losses equal one process's."""
+    if not ACCELERATE.is_file():
+        skip_missing(f"the accelerate command is not installed next to python ({ACCELERATE})")
+    from medcap.cli.train import cmd_features
+
+    prepared = make_prepared(tmp_path / "prep", n_train=16, n_valid=6, seed=5)
+    # Dropout off: the language model's dropout draws from each process's own RNG stream.
+    arch = dropout_free_tiny(tmp_path / "arch")
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(
+        f"data:\n  prepared: {prepared}\n  num_workers: 0\nmodel:\n  name_or_path: {arch}\n"
+        "  random_init: true\n  peft:\n    targets: lm-qv\n    dropout: 0.0\n",
+        encoding="utf-8",
+    )
+    cache = tmp_path / "cache"
+    assert cmd_features(["--config", str(cfg_path), "--out", str(cache), "--num-workers", "0"]) == 0
+    common = {
+        "model.name_or_path": arch,
+        "model.random_init": "true",
+        "model.peft.targets": "lm-qv",
+        "model.peft.dropout": 0.0,
+        "query_cache": cache,
+        "max_steps": 4,
+        "eval_every": 2,
+        "cpu": "true",
+    }
+    one = tmp_path / "one"
+    assert cli(tiny_overrides(prepared, one, batch_size=4, **common)) == 0
+    two = tmp_path / "two"
+    done = _launch(tiny_overrides(prepared, two, batch_size=2, **common))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 process(es) (fsdp)" in done.stdout
+    a, b = _rows(one), _rows(two)
+    assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
+    for x, y in zip(a, b, strict=True):
+        assert float(x["loss"]) == pytest.approx(float(y["loss"]), abs=2e-5), (x, y)
