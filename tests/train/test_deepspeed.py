@@ -10,6 +10,7 @@ Needs a CUDA GPU and the ``deepspeed`` package (marked ``gpu``: off by default; 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,14 @@ from safetensors.torch import load_file
 
 from medcap.cli.train import cmd_train as cli
 from medcap.config.recipes import accelerate_config
-from tests.fixtures import SUBPROCESS_ENV, dropout_free_tiny, free_port, make_prepared, tiny_overrides
+from tests.fixtures import (
+    SUBPROCESS_ENV,
+    dropout_free_tiny,
+    free_port,
+    make_prepared,
+    skip_missing,
+    tiny_overrides,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 ACCELERATE = Path(sys.executable).with_name("accelerate")
@@ -38,8 +46,9 @@ def test_deepspeed_one_gpu_with_optimizer_offload_matches_a_plain_run_and_resume
     tmp_path: Path, stage: int
 ) -> None:
     if not torch.cuda.is_available():
-        pytest.skip("DeepSpeed needs a CUDA GPU")
-    pytest.importorskip("deepspeed", reason="the deepspeed package is not installed")
+        skip_missing("DeepSpeed needs a CUDA GPU (run with -m gpu on a GPU machine)")
+    if importlib.util.find_spec("deepspeed") is None:
+        skip_missing("the deepspeed package is not installed: pip install deepspeed")
     shipped = yaml.safe_load(accelerate_config(f"deepspeed-zero{stage}").read_text(encoding="utf-8"))
     shipped["num_processes"] = 1
     shipped["deepspeed_config"]["offload_optimizer_device"] = "cpu"
