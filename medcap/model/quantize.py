@@ -3,6 +3,7 @@ pretrained loads and for random-init builds of the full-size architectures."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -60,7 +61,11 @@ def pretrained_kwargs(cfg: ModelConfig, skip_modules: tuple[str, ...]) -> dict[s
 
 
 def quantize_in_memory(
-    make_model: Callable[[], Any], cfg: ModelConfig, model_class: type, skip_modules: tuple[str, ...]
+    make_model: Callable[[], Any],
+    cfg: ModelConfig,
+    model_class: type,
+    skip_modules: tuple[str, ...],
+    keep_weights_in: str | None = None,
 ):
     """Quantize a random-init model's linears with bitsandbytes by a save/load round trip.
 
@@ -68,11 +73,19 @@ def quantize_in_memory(
     temporary folder: the same code path as the hub weights. The 16-bit model is made here and freed
     before the load (its only reference dropped, its reference cycles collected): the 6.7B QLoRA dry
     run peaked at 24.0 GB of RAM, the whole 24 GB machine, while both were alive.
+
+    ``keep_weights_in``: save the 16-bit weights into this folder (the caller's, kept after the
+    load) instead of a temporary one: LoftQ reads them to start LoRA against the quantization error.
     """
     log.info(
         "quantizing the random model %s through a temporary save (%s)", cfg.name_or_path, cfg.quantization
     )
-    with tempfile.TemporaryDirectory(prefix="medcap-quant-") as tmp:
+    folder = (
+        contextlib.nullcontext(keep_weights_in)
+        if keep_weights_in is not None
+        else tempfile.TemporaryDirectory(prefix="medcap-quant-")
+    )
+    with folder as tmp:
         model = make_model()
         model.save_pretrained(tmp)
         del model
