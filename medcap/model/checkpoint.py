@@ -12,6 +12,7 @@ import torch
 from medcap.config.run import RunConfig, read_run_config
 from medcap.layout import CheckpointLayout
 from medcap.model.adapters import count_parameters, unwrap
+from medcap.model.peft_methods import adapter_parameter_names
 from medcap.model.peft_state import read_adapter_init, restore_base, saving, write_adapter_init
 
 #: Random-init models up to this many parameters store their base weights in a checkpoint
@@ -20,15 +21,8 @@ BASE_WEIGHTS_LIMIT = 50_000_000
 
 
 def _adapter_param_names(model) -> set[str]:
-    """Names of the PEFT adapter's own parameters (what ``adapter/`` holds): the tuner's (by its
-    prefix) and the trained copies of peft's ``modules_to_save`` (``peft.train_norms``)."""
-    from peft import PeftModel
-
-    if not isinstance(model, PeftModel):
-        return set()
-    # "lora_" (LoRA, DoRA's lora_magnitude_vector, AdaLoRA), "ia3_", "vera_lambda_", "oft_", "boft_"
-    prefix = model.base_model.prefix
-    return {n for n, _ in model.named_parameters() if prefix in n or ".modules_to_save." in n}
+    """Names of the PEFT adapter's own parameters (what ``adapter/`` holds)."""
+    return adapter_parameter_names(model)
 
 
 def _fingerprint(model) -> str:

@@ -98,6 +98,39 @@ def norm_modules(model: torch.nn.Module, adapted: list[str]) -> list[str]:
     return out
 
 
+def adapter_parameter_names(model: Any) -> set[str]:
+    """Names of the PEFT adapter's own parameters (what peft saves in ``adapter/``): the tuner's (by
+    its prefix: lora_, ia3_, vera_lambda_, oft_, boft_) and the trained copies of peft's
+    ``modules_to_save`` (``peft.train_norms``)."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        return set()
+    prefix = model.base_model.prefix
+    return {n for n, _ in model.named_parameters() if prefix in n or ".modules_to_save." in n}
+
+
+def adapter_parameter_count(cfg: ModelConfig, model: Any, matched: list[str]) -> int:
+    """Trainable parameters of ``cfg``'s adapter on ``model`` (a base without adapters; ``matched``: the
+    adapted modules), for the planner: counted by peft itself on a meta-device build, except BOFT,
+    which peft cannot build on the meta device (its blocks, boft_R (factors, in/block, block, block),
+    and its output scale boft_s, from the shapes)."""
+    if cfg.peft.method == "boft":
+        modules = dict(model.named_modules())
+        count = sum(
+            cfg.peft.butterfly_factor * modules[n].in_features * cfg.peft.block_size + modules[n].out_features
+            for n in matched
+        )
+        if cfg.peft.train_norms:
+            count += sum(p.numel() for n in norm_modules(model, matched) for p in modules[n].parameters())
+        return count
+    from medcap.model.build import build_model
+
+    peft_model, _ = build_model(cfg, verbose=False, meta=True)
+    names = adapter_parameter_names(peft_model)
+    return sum(p.numel() for n, p in peft_model.named_parameters() if n in names and p.requires_grad)
+
+
 def tuner_layers(model: Any) -> list[str]:
     """Names (in the base model) of the layers that hold an adapter."""
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -437,6 +470,8 @@ def layer_rows(layer_input: Any, model_input: Any, layer_name: str) -> torch.Ten
 
 __all__ = [
     "ADALORA_STEPS_NOT_TRAINING",
+    "adapter_parameter_count",
+    "adapter_parameter_names",
     "AdapterSetup",
     "adalora_schedule",
     "apply_adapter",

@@ -65,7 +65,9 @@ def _checkpoint(tmp: Path, cfg: ModelConfig) -> Path:
         return [collate(pairs[i : i + step]) for i in range(0, 8, step)]
 
     model, processor = build_model(
-        cfg, verbose=False, adapters=AdapterSetup(train_steps=10, calibration=calibration, show_progress=False)
+        cfg,
+        verbose=False,
+        adapters=AdapterSetup(train_steps=10, calibration=calibration, show_progress=False),
     )
     batch = caption_collator(processor, cfg, 48)([(_image(0), "CT of the chest"), (_image(1), "MRI")])
     for _ in range(3):

@@ -276,3 +276,16 @@ def test_rotation_blocks_that_do_not_fit_are_refused():
     if get_fbd_cuda() is None:
         with pytest.raises(ConfigError, match="CUDA extension"):
             build_model(_cfg("tiny", method="boft", butterfly_factor=2), verbose=False)
+
+
+@pytest.mark.parametrize("case", ["vera", "adalora", "oft", "boft", "norms", "ia3-norms"])
+def test_planner_counts_each_methods_adapter_as_built(case):
+    from medcap.model.families import resolve_family
+    from medcap.plan.memory import trainable_parameters
+    from medcap.plan.planner import meta_model
+
+    cfg = _cfg("tiny", **CASES[case])
+    built, _ = build_model(cfg, verbose=False)
+    base, family = meta_model(cfg)
+    planned = trainable_parameters(base, cfg, resolve_family(cfg))
+    assert planned.adapter_params == count_parameters(built)[0]
