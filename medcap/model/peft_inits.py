@@ -20,6 +20,7 @@ from medcap.model.peft_methods import (
     model_inputs,
     write_key,
 )
+from medcap.model.quantize import keep_4bit_training_layout
 
 if TYPE_CHECKING:
     from medcap.config.model import ModelConfig
@@ -80,7 +81,7 @@ def eva_init(
             f"(cycled until they converge, at most {EVA_MAX_PASSES} passes)"
         )
         # A fork of the random state: a run that finds the statistics cached draws the same numbers after.
-        with torch.random.fork_rng():
+        with torch.random.fork_rng(), keep_4bit_training_layout(peft_model):
             state = get_eva_state_dict(
                 peft_model,
                 dataloader=batches,
@@ -139,7 +140,8 @@ def corda_statistics(
         print(
             f"peft init corda: covariance of the adapted layers' inputs on {len(examples)} training examples"
         )
-        with torch.random.fork_rng():  # as for EVA: a cached rerun draws the same numbers after
+        # As for EVA: a cached rerun draws the same numbers after, and a 4-bit base stays trainable.
+        with torch.random.fork_rng(), keep_4bit_training_layout(model):
             preprocess_corda(model, config, run_model=run_model)
         if setup.cache_dir is not None:
             write_key(setup, "corda.pt", key)

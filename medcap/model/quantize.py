@@ -94,10 +94,32 @@ def quantize_in_memory(
     return quantized
 
 
+@contextlib.contextmanager
+def keep_4bit_training_layout(model: Any):
+    """Run forwards that come before training (EVA's, CorDA's statistics) without bitsandbytes'
+    inference repacking.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit layer's weights in place at its
+    first eval-mode forward without gradients, for a faster inference kernel that has no backward:
+    a training forward afterwards fails ("a view of a leaf Variable ... in-place operation"). It
+    undoes the packing only when the state dict is written (fit() saves a checkpoint after every
+    validation, which is why validating mid-run works)."""
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    before = [m.support_avx512bf16_for_cpu for m in layers]
+    for m in layers:
+        m.support_avx512bf16_for_cpu = False
+    try:
+        yield
+    finally:
+        for m, value in zip(layers, before, strict=True):
+            m.support_avx512bf16_for_cpu = value
+
+
 __all__ = [
     "DTYPES",
     "compute_dtype",
     "device_map",
+    "keep_4bit_training_layout",
     "pretrained_kwargs",
     "quantization_config",
     "quantize_in_memory",

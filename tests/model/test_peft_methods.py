@@ -289,3 +289,40 @@ def test_planner_counts_each_methods_adapter_as_built(case):
     base, family = meta_model(cfg)
     planned = trainable_parameters(base, cfg, resolve_family(cfg))
     assert planned.adapter_params == count_parameters(built)[0]
+
+
+@pytest.mark.parametrize("case", ["eva", "adalora", "vera", "oft", "boft", "norms"])
+def test_methods_on_a_4bit_base_train_and_round_trip(case, tmp_path, monkeypatch):
+    """QLoRA-style: each method that a 4-bit base can take (pissa, olora and corda are refused at
+    config load, loftq needs CUDA) trains on bitsandbytes layers and reloads with the same outputs."""
+    from tests.model.test_model import _bnb_cpu_reason
+
+    reason = _bnb_cpu_reason()
+    if reason:
+        pytest.skip(reason)
+    from medcap.model import checkpoint
+
+    monkeypatch.setattr(checkpoint, "BASE_WEIGHTS_LIMIT", 0)
+    cfg = ModelConfig(
+        name_or_path="tiny",
+        quantization="4bit",
+        peft=PeftSettings(**{"r": 4, "targets": "lm-all", **CASES[case]}),
+    )
+    model, processor = build_model(
+        cfg, verbose=False, adapters=AdapterSetup(train_steps=20, calibration=_calibration(cfg))
+    )
+    assert (
+        type(model.get_base_model().language_model.model.decoder.layers[0].fc1.base_layer).__name__
+        == "Linear4bit"
+    )
+    batch = _batch(processor, cfg)
+    before = _train_step(model, batch)
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch).logits
+    save_trainable(model, tmp_path)
+    _write_run_config(tmp_path, cfg)
+    loaded, _, _ = load_checkpoint(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, expected)
