@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import sys
 import tempfile
 import threading
@@ -29,10 +30,11 @@ from typing import Any
 import torch
 
 from medcap.config.model import ModelConfig
-from medcap.model.adapters import apply_peft, count_parameters, set_trainable, summarize, unwrap
+from medcap.model.adapters import apply_peft, count_parameters, scope_counts, set_trainable, summarize, unwrap
 from medcap.model.cpu import cpu_has_native_half_matmul, upcast_frozen_linears_on_cpu
 from medcap.model.families import resolve_family
 from medcap.model.family import ModelFamily
+from medcap.model.hub import check_hub_model
 from medcap.model.peft_methods import AdapterSetup, check_loftq_device, describe
 from medcap.model.quantize import DTYPES, pretrained_kwargs, quantize_in_memory
 from medcap.model.random_init import materialize_random, meta_model
@@ -52,6 +54,10 @@ def import_backends() -> None:
     """
     if "peft" in sys.modules and "transformers" in sys.modules:
         return
+    # bitsandbytes' CPU backend warns on every import that an optional hub kernel package
+    # ("kernels") is missing: noise to a medcap user (the built-in CPU path is used). Dropped by a
+    # filter on that one message, before the record (and its exception) exists.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_OptionalKernelNoise())
     failed: list[BaseException] = []
 
     def work() -> None:
@@ -66,6 +72,13 @@ def import_backends() -> None:
     thread.join()
     if failed:
         raise failed[0]
+
+
+class _OptionalKernelNoise(logging.Filter):
+    """Drops bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "gemm_4bit_forward from kernels-community" not in str(record.msg)
 
 
 def build_model(
@@ -140,6 +153,7 @@ def _build_and_adapt(
         # Non-reentrant: adapters inside checkpointed blocks get gradients even though the frozen
         # embeddings' outputs do not require grad (the reentrant variant would silently give none).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    _no_input_grad_hooks(model, cfg)
 
     matched: list[str] = []
     if cfg.peft.method != "none":
@@ -156,6 +170,7 @@ def _build_and_adapt(
                 meta=meta,
                 loftq_weights=loftq_weights,
             )
+        _no_input_grad_hooks(model, cfg)
     set_trainable(model, cfg, family)
 
     _no_cache_in_training(model, family)
@@ -179,7 +194,10 @@ def _build_and_adapt(
         )
         if cfg.peft.method != "none":
             steps = adapters.train_steps if adapters is not None else None
-            print(f"peft {describe(cfg.peft, steps)} on {len(matched)} modules: {summarize(matched)}")
+            scopes = ", ".join(f"{k} {v}" for k, v in scope_counts(matched, cfg.peft, family).items())
+            print(
+                f"peft {describe(cfg.peft, steps)} on {len(matched)} modules ({scopes}): {summarize(matched)}"
+            )
     return model, processor
 
 
@@ -206,8 +224,23 @@ def _build_base(
             model = random_model()
         return model, processor, "random"
     # Pretrained weights: a hub id (the real code path; nothing downloads in tests) or a folder.
+    check_hub_model(cfg.name_or_path)
     model = model_class.from_pretrained(cfg.name_or_path, **pretrained_kwargs(cfg, family.quant_skip))
     return model, family.pretrained_processor(cfg.name_or_path, model), "pretrained"
+
+
+def _no_input_grad_hooks(model: Any, cfg: ModelConfig) -> None:
+    """Remove the hooks that make input embeddings' outputs require grad.
+
+    transformers' gradient checkpointing, and peft after it, hook the input embeddings of EVERY
+    sub-model (the vision tower's patch embedding too) so that their outputs require grad: what
+    reentrant checkpointing needs, never the non-reentrant kind used here. With them a frozen
+    vision tower joins the autograd graph: measured on the full-size SmolVLM-2B, 1.5 GB of kept
+    activations and a backward pass through 27 frozen layers for LoRA on the language model alone;
+    BLIP-2's ViT-g the same. Called after each step that adds them (each replaces the stored list).
+    """
+    if cfg.gradient_checkpointing:
+        unwrap(model).disable_input_require_grads()
 
 
 def _no_train_cache(module: Any, args: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:

@@ -60,3 +60,19 @@ def test_configs_lists_every_shipped_config(capsys: pytest.CaptureFixture[str]) 
     out = capsys.readouterr().out
     for name, path in shipped_configs().items():
         assert name in out and str(path) in out
+
+
+def test_a_missing_optional_package_names_the_extra_to_install(tmp_path) -> None:
+    """An evaluation-only or serving-only install lacks the other extras: the command says which to add."""
+    import os
+
+    blocker = tmp_path / "fastapi.py"  # stands where an absent package would be looked up
+    blocker.write_text('raise ModuleNotFoundError("No module named \'fastapi\'", name="fastapi")\n')
+    code = "import sys; from medcap.cli import main; sys.exit(main(['serve', '--model', 'tiny']))"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])),
+    }
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 2, done.stderr
+    assert "fastapi is not installed: pip install 'medcap[serve]'" in done.stderr
