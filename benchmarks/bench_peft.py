@@ -440,8 +440,14 @@ def compare_gpu(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 def _run_all(jobs: dict[Any, dict[str, Any]], workers: int, what: str) -> dict[Any, dict[str, Any]]:
+    """Every job in a pool of ``workers``; each record is also appended, as it comes, to
+    ``<work>/<what>.jsonl`` beside the runs, so that an interrupted comparison keeps what it measured."""
     out: dict[Any, dict[str, Any]] = {}
     t0 = time.perf_counter()
+    first = next(iter(jobs.values()), None)
+    log = Path(first["settings"]["train.out_dir"]).parent.parent / f"{_slug(what)}.jsonl" if first else None
+    if log is not None:
+        log.unlink(missing_ok=True)
     with _pool(workers) as pool:
         futures = {key: pool.submit(run_training, job) for key, job in jobs.items()}
         for i, (key, future) in enumerate(futures.items(), 1):
@@ -450,6 +456,9 @@ def _run_all(jobs: dict[Any, dict[str, Any]], workers: int, what: str) -> dict[A
             except Exception as e:  # one method failing must not lose the others; it is reported
                 print(f"  FAILED {key}: {type(e).__name__}: {e}")
                 out[key] = {"error": f"{type(e).__name__}: {e}"}
+            if log is not None:
+                with log.open("a", encoding="utf-8") as f:
+                    f.write(json.dumps({"key": list(key), **out[key]}, default=str) + "\n")
             elapsed = time.perf_counter() - t0
             print(
                 f"[{what}] {i}/{len(jobs)} done ({key}), {elapsed / 60:.1f} min, "
