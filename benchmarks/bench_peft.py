@@ -192,7 +192,7 @@ def _quiet() -> dict[str, Any]:
     return {
         "data.num_workers": 0,
         "train.progress_bar": "false",
-        "train.tensorboard": "false",
+        "train.report_to": "csv",
         "train.log_every": 25,
         "train.num_sample_captions": 0,
         "generate.max_new_tokens": 40,
@@ -442,6 +442,10 @@ def compare_gpu(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 def _run_all(jobs: dict[Any, dict[str, Any]], workers: int, what: str) -> dict[Any, dict[str, Any]]:
     """Every job in a pool of ``workers``; each record is also appended, as it comes, to
     ``<work>/<what>.jsonl`` beside the runs, so that an interrupted comparison keeps what it measured."""
+    from medcap.config.run import load_run_config
+
+    for job in jobs.values():  # a settings error is found here, not in every spawned run
+        load_run_config(None, overrides({k: v for k, v in job["settings"].items() if v is not None}))
     out: dict[Any, dict[str, Any]] = {}
     t0 = time.perf_counter()
     first = next(iter(jobs.values()), None)
