@@ -218,6 +218,10 @@ def run_training(job: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(job["threads"])
     settings = {k: v for k, v in job["settings"].items() if v is not None}
     cfg = load_run_config(None, overrides(settings))
+    if job.get("reuse") and (earlier := finished_run(cfg, settings)) is not None:
+        if job.get("score"):
+            earlier["facts"] = score(cfg, Path(job["phantoms"]))
+        return earlier
     if cfg.train.out_dir.exists():  # this benchmark's own run folder from an earlier invocation
         shutil.rmtree(cfg.train.out_dir)
     t0 = time.perf_counter()
@@ -238,7 +242,53 @@ def run_training(job: dict[str, Any]) -> dict[str, Any]:
     if job.get("score"):
         record["facts"] = score(cfg, Path(job["phantoms"]))
     record["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    record["reused"] = None
     return record
+
+
+#: Settings that change what a run logs, not what it trains (``generate.*``: the scoring is redone).
+NOT_MEASURED = ("train.report_to", "train.progress_bar", "train.log_every", "train.num_sample_captions")
+
+
+def finished_run(cfg: Any, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """``--reuse``: the record of a run that an earlier invocation finished in ``cfg.train.out_dir``
+    with every one of this job's settings (its config.yaml says so; settings the job does not name
+    may differ, e.g. ones added to medcap since), else None. Its peak RSS was not kept: None."""
+    import yaml
+
+    from medcap.config.loader import to_dict
+
+    run = cfg.train.out_dir
+    result_file, config_file = run / "result.json", run / "config.yaml"
+    if not (result_file.is_file() and config_file.is_file() and (run / "checkpoints" / "best").is_dir()):
+        return None
+    saved, wanted = yaml.safe_load(config_file.read_text(encoding="utf-8")), to_dict(cfg)
+
+    def at(tree: Any, dotted: str) -> Any:
+        for part in dotted.split("."):
+            if not isinstance(tree, dict) or part not in tree:
+                return KeyError
+            tree = tree[part]
+        return tree
+
+    measured = [k for k in settings if k not in NOT_MEASURED and not k.startswith("generate.")]
+    if any(at(saved, key) != at(wanted, key) for key in measured):
+        return None
+    result = json.loads(result_file.read_text(encoding="utf-8"))
+    return {
+        "seed": cfg.train.seed,
+        "lr": cfg.train.lr,
+        "steps": result["total_steps"],
+        "trainable_parameters": result["trainable_parameters"],
+        "seconds_per_step": result["seconds_per_step"],
+        "fit_wall_s": result.get("wall_s"),
+        "best_valid_loss": result.get("best_valid_loss"),
+        "last_valid_loss": result.get("last_valid_loss"),
+        "valid_curve": _valid_curve(run),
+        "peak_memory_gb": result["peak_memory_gb"],
+        "peak_rss_gb": None,
+        "reused": str(run),
+    }
 
 
 def _valid_curve(run: Path) -> list[tuple[int, float]]:
@@ -352,6 +402,7 @@ def compare_cpu(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 **{"train.max_steps": args.probe_steps},
             ),
             "threads": 1,
+            "reuse": args.reuse,
         }
         for n in names
         for lr in lr_grid(n, args)
@@ -391,6 +442,7 @@ def compare_cpu(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "threads": 1,
             "score": True,
             "phantoms": phantoms,
+            "reuse": args.reuse,
         }
         for n in names
         for seed in range(args.seeds)
@@ -502,7 +554,10 @@ def summarize(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "trainable_parameters": runs[0]["trainable_parameters"],
             "adapter_training_memory_mb": runs[0]["trainable_parameters"] * 16 / 1e6,
             "seconds_per_step": _stats([r["seconds_per_step"] for r in runs]),
-            "peak_rss_gb": _stats([r["peak_rss_gb"] for r in runs]),
+            "peak_rss_gb": _stats(
+                [r["peak_rss_gb"] for r in runs if r.get("peak_rss_gb") is not None] or [math.nan]
+            ),
+            "runs_reused": sum(1 for r in runs if r.get("reused")),
             "peak_memory_gb": _stats([r["peak_memory_gb"] for r in runs]),
         }
         if runs[0].get("best_valid_loss") is not None:
@@ -647,6 +702,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu-batch", type=int, default=8)
     p.add_argument("--quick", action="store_true", help="smoke run: 4 methods, few steps, 2 seeds")
     p.add_argument("--tag", default="", help="suffix of the results file")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep runs that an earlier invocation finished with the same settings (scored again; their "
+        "peak RSS is not known). Without it every run starts afresh",
+    )
     p.add_argument("--work", type=Path, default=WORK, help="cache of the phantoms, the base and the runs")
     args = p.parse_args(argv)
     if args.methods == ["all"]:

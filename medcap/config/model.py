@@ -137,7 +137,8 @@ class PeftSettings:
             )
         if self.pissa_iters is not None and (self.init != "pissa" or self.pissa_iters < 0):
             raise ConfigError(
-                f"peft.pissa_iters {self.pissa_iters}: only for init pissa, and at least 0 (null: exact SVD)"
+                f"peft.pissa_iters {self.pissa_iters}: only for init pissa, and at least 0; set peft.init pissa "
+                "with it, or unset it (null: the exact SVD)"
             )
         if self.init == "loftq" and self.method == "dora":
             raise ConfigError(
@@ -282,6 +283,7 @@ class ModelConfig:
                 f"(it is {self.peft.method!r})"
             )
         self._check_peft_quantization()
+        self._check_family_parts()
         if self.full_finetune and self.quantization != "none":
             raise ConfigError("model.full_finetune cannot train quantized weights; set quantization: none")
         if (
@@ -316,6 +318,36 @@ class ModelConfig:
             or self.train_language_projection
         ):
             log.warning("model: nothing trains (peft.method none and no train_* flag); fine for inference")
+
+    def _check_family_parts(self) -> None:
+        """Refuse target presets and ``train_*`` flags that the model's family does not have (BLIP-2's
+        ``qformer-qv`` on Qwen-VL, ``projector`` on Gemma 3, whose projector is no linear layer), naming
+        what the family has. Checked when the family is known without the hub (a tiny name, a local
+        folder, a shipped hub id); otherwise the build checks the same."""
+        from medcap.model.families import resolve_family
+        from medcap.model.family import TRAIN_FLAGS
+
+        try:
+            family = resolve_family(self)
+        except ConfigError:
+            return  # an unknown model: build_model says which families exist
+        if self.peft.method != "none" and isinstance(self.peft.targets, str):
+            names = [n.strip() for n in self.peft.targets.split("+")]
+            missing = [n for n in names if n not in family.target_presets]
+            if missing:
+                raise ConfigError(
+                    f"model.peft.targets {self.peft.targets!r}: {', '.join(map(repr, missing))} is not a preset of "
+                    f"the {family.name} family ({family.description}); its presets are "
+                    f"{', '.join(family.target_presets)} (join with '+'), or give a list of module names"
+                )
+        for flag, part in TRAIN_FLAGS.items():
+            if getattr(self, flag) and not family.parts.get(part):
+                has = [f"model.{f} ({p})" for f, p in TRAIN_FLAGS.items() if family.parts.get(p)]
+                raise ConfigError(
+                    f"model.{flag}: the {family.name} family has no {part}; unset it. It can train "
+                    f"{', '.join(has) or 'no whole part'}, or adapters through model.peft.targets "
+                    f"({', '.join(family.target_presets)})"
+                )
 
     def _check_peft_quantization(self) -> None:
         """Refuse LoRA initialisations that the quantization cannot take, saying what works instead."""

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from medcap.config.loader import ConfigError
-from medcap.model.family import ModelFamily
+from medcap.model.family import TRAIN_FLAGS, ModelFamily
 
 if TYPE_CHECKING:
     from medcap.config.model import ModelConfig, PeftSettings
@@ -66,7 +66,11 @@ def resolve_targets(
         ]
         target = names
     if not matched:
-        raise ConfigError(f"model.peft.targets {settings.targets!r} matches no linear layer of this model")
+        raise ConfigError(
+            f"model.peft.targets {settings.targets!r} matches no linear layer of this model; the {family.name} "
+            f"family's presets are {', '.join(family.target_presets)} (join with '+'), and "
+            "`medcap train --dry-run` lists the layers a list of module names matched"
+        )
     return target, matched
 
 
@@ -98,14 +102,6 @@ def apply_peft(
     )
     # EVA may drop layers it gives rank 0; train_norms adds the norm layers' wrappers.
     return peft_model, [n for n in tuner_layers(peft_model) if n in set(matched)] or matched
-
-
-#: The ``model.train_*`` flags and the family part each one trains.
-TRAIN_FLAGS = {
-    "train_qformer": "qformer",
-    "train_vision": "vision",
-    "train_language_projection": "projection",
-}
 
 
 def set_trainable(model: Any, cfg: ModelConfig, family: ModelFamily) -> None:

@@ -36,7 +36,10 @@ def _batches(
         )
     batches = setup.calibration(processor, per_batch)
     if not batches:
-        raise ConfigError(f"model.peft.init {cfg.peft.init}: the training split gave no batches")
+        raise ConfigError(
+            f"model.peft.init {cfg.peft.init}: the training split gave no batches to take statistics from; "
+            "check data.prepared's train split, or use init default, pissa or olora (they need no data)"
+        )
     return batches
 
 
