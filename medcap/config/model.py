@@ -69,7 +69,8 @@ class PeftSettings:
     LANGUAGE MODEL ONLY), ``vision`` (the vision tower's linears), ``projector`` (the vision-to-language
     projector), ``qformer-qv``, ``qformer-attn`` (BLIP-2's and InstructBLIP's Q-Former), combined with ``+``
     (``lm-all+qformer-attn``); or a list of module names passed to PEFT as they are (PEFT matches a
-    name anywhere: ``fc1`` reaches the vision tower too). ``medcap train --dry-run`` prints what matched."""
+    name anywhere: ``fc1`` reaches the vision tower too). ``medcap train --dry-run`` prints what matched.
+    A preset the model's family lacks is refused when the config loads, naming the family's presets."""
     train_norms: bool = False
     """Also train the normalisation layers (LayerNorm, RMSNorm) inside the blocks that hold an adapter,
     through peft's ``modules_to_save`` (saved with the adapter, merged on export)."""
