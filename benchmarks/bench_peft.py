@@ -371,11 +371,9 @@ def runnable(name: str, device: str) -> str | None:
     return None
 
 
-def compare_cpu(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    base = pretrained_base(work, args)
-    prepared = make_task(work, "task", args.n, 1, None, args.size)
-    phantoms = work / "task" / "phantoms"
-    common = {
+def cpu_common(base: Path, prepared: Path) -> dict[str, Any]:
+    """The settings every CPU run shares (besides COMMON and the method's own)."""
+    return {
         "data.prepared": prepared,
         "model.name_or_path": base,
         "train.batch_size": 32,
@@ -384,6 +382,67 @@ def compare_cpu(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "train.cpu_threads": 1,
         "train.eval_at_epoch_end": "false",
     }
+
+
+def from_records(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """``--from-records``: the comparison from the records an interrupted invocation appended to
+    ``<work>/learning-rate-probe.jsonl`` and ``<work>/comparison.jsonl`` (same settings), and the base
+    scored again; what did not finish is listed under ``skipped`` with how far it got."""
+    started = time.perf_counter()
+    base = pretrained_base(work, args)
+    prepared = make_task(work, "task", args.n, 1, None, args.size)
+    phantoms = work / "task" / "phantoms"
+    common = cpu_common(base, prepared)
+
+    def read(name: str) -> list[dict[str, Any]]:
+        path = work / f"{name}.jsonl"
+        return (
+            [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+            if path.is_file()
+            else []
+        )
+
+    probes = {tuple(r.pop("key")): r for r in read("learning-rate-probe")}
+    runs = {tuple(r.pop("key")): r for r in read("comparison")}
+    names = [n for n in args.methods if runnable(n, "cpu") is None]
+    skipped = {n: runnable(n, "cpu") for n in args.methods if runnable(n, "cpu") is not None}
+    chosen = {}
+    for n in names:
+        losses = {lr: probes[(n, lr)].get("last_valid_loss") for lr in lr_grid(n, args) if (n, lr) in probes}
+        finite = {lr: v for lr, v in losses.items() if v is not None and math.isfinite(v)}
+        if finite:
+            chosen[n] = min(finite, key=finite.get)
+        done = sum(1 for seed in range(args.seeds) if "error" not in runs.get((n, seed), {"error": ""}))
+        if done < args.seeds:
+            probe = f"; its probe chose lr {chosen[n]:g}" if n in chosen else ""
+            skipped[n] = (
+                f"interrupted: {done} of {args.seeds} seeds finished {args.steps} steps{probe} "
+                f"(validation loss after {args.probe_steps} steps: {finite.get(chosen.get(n), math.nan):.3f})"
+            )
+    base_job = {
+        "settings": {**common, **COMMON, "model.peft.method": "none", **_quiet()},
+        "threads": 1,
+        "phantoms": phantoms,
+    }
+    with _pool(1) as pool:
+        base_facts = pool.submit(score_base, base_job).result()
+    complete = {n for n in names if n not in skipped}
+    return {
+        "base_facts": base_facts,
+        "chosen_lr": chosen,
+        "probes": [{"method": n, "lr": lr, **r} for (n, lr), r in probes.items()],
+        "runs": [{"method": n, **r} for (n, _), r in runs.items() if n in complete],
+        "skipped": skipped,
+        "from_records": True,
+        "wall_s": time.perf_counter() - started,
+    }
+
+
+def compare_cpu(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    base = pretrained_base(work, args)
+    prepared = make_task(work, "task", args.n, 1, None, args.size)
+    phantoms = work / "task" / "phantoms"
+    common = cpu_common(base, prepared)
     names = [n for n in args.methods if runnable(n, "cpu") is None]
     skipped = {n: runnable(n, "cpu") for n in args.methods if runnable(n, "cpu") is not None}
     for n, why in skipped.items():
@@ -704,6 +763,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke run: 4 methods, few steps, 2 seeds")
     p.add_argument("--tag", default="", help="suffix of the results file")
     p.add_argument(
+        "--from-records",
+        action="store_true",
+        help="no runs: the table from the records an interrupted invocation with the same settings left in "
+        "the work folder (unfinished methods listed as such), the base scored again",
+    )
+    p.add_argument(
         "--reuse",
         action="store_true",
         help="keep runs that an earlier invocation finished with the same settings (scored again; their "
@@ -731,7 +796,11 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     machine = machine_description()
     print(f"bench_peft on {machine}")
-    result = compare_gpu(args, work) if args.device == "cuda" else compare_cpu(args, work)
+    if args.device == "cuda":
+        result = compare_gpu(args, work)
+    else:
+        result = from_records(args, work) if args.from_records else compare_cpu(args, work)
+    result["load_average_at_end"] = os.getloadavg()
     summary = summarize(result)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     out = {
