@@ -313,7 +313,10 @@ def apply_adapter(
     try:
         peft_model = get_peft_model(model, config)
     except ValueError as e:  # peft's own checks (an OFT block size that divides no input size ...)
-        raise ConfigError(f"model.peft: peft refuses {settings.method} on these modules: {e}") from None
+        raise ConfigError(
+            f"model.peft: peft refuses {settings.method} on these modules: {e}. Adapt other modules (the "
+            f"{family.name} family's presets: {', '.join(family.target_presets)}) or choose another method"
+        ) from None
     if init == "eva":
         from medcap.model.peft_inits import eva_init
 
