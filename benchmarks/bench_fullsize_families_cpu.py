@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                 eval_batch_size=args.batch_size,
                 num_sample_captions=1,
                 progress_bar=False,
-                tensorboard=False,
+                report_to=["csv"],
                 cpu_threads=2,
             ),
             generate=dataclasses.replace(cfg.generate, max_new_tokens=4, min_new_tokens=0, num_beams=1),

@@ -7,11 +7,12 @@ below is the whole truth (docs/ARCHITECTURE.md shows it with what each file hold
     PREP/{split}/manifest.csv skipped.csv notes.csv stats.json
 
     RUN/config.yaml  log.csv  samples.jsonl  tensorboard/  result.json  report.html     RunLayout
+    RUN/peft_init/                                         EVA / CorDA statistics of the training split
     RUN/checkpoints/{best,last}/                           CheckpointLayout (one each)
     RUN/predictions/{split}.csv .zip .meta.json            medcap predict
     RUN/eval/{split}/metrics.json per_caption.csv          medcap evaluate
 
-    CKPT/config.yaml adapter/ trainable.safetensors base.safetensors base_fingerprint.txt
+    CKPT/config.yaml adapter/ adapter_init/ trainable.safetensors base.safetensors base_fingerprint.txt
     CKPT/train_state.pt sharded/ (last only) data_hash.txt metrics.json
 
     STUDY/space.yaml study.db trials/NNNN/ trials.csv best.yaml report.html   StudyLayout (medcap tune)
@@ -94,6 +95,12 @@ class CheckpointLayout:
         return self.root / "adapter"
 
     @property
+    def adapter_init(self) -> Path:
+        """The adapter as it started, for inits that rewrite the base weights (pissa, olora, corda):
+        how the base is restored on load, and what an unmerged export is converted against."""
+        return self.root / "adapter_init"
+
+    @property
     def trainable(self) -> Path:
         """Every other trained parameter, by plain module name."""
         return self.root / "trainable.safetensors"
@@ -130,7 +137,13 @@ class CheckpointLayout:
         return self.root / "metrics.json"
 
     #: The model files ``medcap.model.checkpoint.save_trainable`` may write.
-    MODEL_FILES = ("adapter", "trainable.safetensors", "base.safetensors", "base_fingerprint.txt")
+    MODEL_FILES = (
+        "adapter",
+        "trainable.safetensors",
+        "base.safetensors",
+        "base_fingerprint.txt",
+        "adapter_init",
+    )
 
     def is_checkpoint(self) -> bool:
         """A config and at least one model file: what ``load_checkpoint`` can rebuild."""
@@ -181,6 +194,12 @@ class RunLayout:
     @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
+
+    @property
+    def peft_init(self) -> Path:
+        """Statistics of the data-driven LoRA inits (EVA, CorDA) from the training split, with the key
+        they were computed for; reused while it matches (``medcap.model.peft_methods``)."""
+        return self.root / "peft_init"
 
     @property
     def best(self) -> CheckpointLayout:

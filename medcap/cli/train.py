@@ -121,7 +121,10 @@ def cmd_features(argv: list[str]) -> int:
 
             run_cfg = load_run_config(args.config, rest)
             check_cacheable(run_cfg.model, run_cfg.data, run_cfg.train)
-            model, processor = build_model(run_cfg.model)
+            from medcap.model.peft_methods import AdapterSetup
+
+            # Only the image side's output is cached: the language model's adapters need no init here.
+            model, processor = build_model(run_cfg.model, adapters=AdapterSetup(compute_init=False))
         check_cacheable(
             run_cfg.model, run_cfg.data, run_cfg.train, getattr(model, "medcap_lora_modules", None)
         )

@@ -40,6 +40,8 @@ ALIASES: dict[str, str] = {
     "lora_alpha": "alpha",
     "lora_dropout": "dropout",
     "lora_target": "targets",
+    "init_lora_weights": "init",
+    "loraplus_lr_ratio": "loraplus_ratio",
     "target_modules": "targets",
     "model_name_or_path": "name_or_path",
     "model_name": "name_or_path",

@@ -18,25 +18,91 @@ log = logging.getLogger(__name__)
 Precision = Literal["fp32", "fp16", "bf16"]
 
 
+#: The PEFT methods medcap builds through peft (``model.peft.method``).
+PeftMethod = Literal["none", "lora", "dora", "rslora", "ia3", "vera", "adalora", "oft", "boft"]
+
+#: The methods whose adapter is a LoRA pair (A, B): what ``model.peft.init`` and LoRA+ apply to.
+LORA_METHODS = ("lora", "dora", "rslora")
+
+#: LoRA initialisations (``model.peft.init``); all are peft's ``init_lora_weights`` values.
+PeftInit = Literal["default", "pissa", "olora", "eva", "corda", "loftq"]
+
+#: Inits that rewrite the base weights (W -> W - scale * B0 A0, peft's "residual" model).
+BASE_REWRITING_INITS = ("pissa", "olora", "corda")
+
+#: Inits that read training data before training starts.
+DATA_DRIVEN_INITS = ("eva", "corda")
+
+
 @dataclass
 class PeftSettings:
-    """Parameter-efficient fine-tuning: which method, its size, and where it lands."""
+    """Parameter-efficient fine-tuning: which method, its size, and where it lands.
 
-    method: Literal["none", "lora", "dora", "rslora", "ia3"] = "lora"
-    """none | lora | dora | rslora | ia3. QLoRA is ``lora`` with ``model.quantization: 4bit``."""
+    Every method is peft's own (``medcap.model.peft_methods`` builds the peft config); docs/PERFORMANCE.md
+    compares them on the same task (benchmarks/bench_peft.py)."""
+
+    method: PeftMethod = "lora"
+    """none | lora | dora | rslora | ia3 | vera | adalora | oft | boft. QLoRA is ``lora`` with
+    ``model.quantization: 4bit``. vera: shared frozen random projections, only two scaling vectors
+    per layer train (``r`` is the projections' rank; VeRA's paper uses 256 and more). adalora: starts
+    at rank ``r`` and prunes to an average of ``adalora_target_r`` during training (its schedule
+    follows the run's optimizer steps). oft / boft: orthogonal (butterfly) rotations of each layer's
+    input, block size ``block_size``."""
+    init: PeftInit = "default"
+    """How the LoRA matrices start (lora, dora, rslora only): default (B = 0, A random), pissa (A, B
+    from the weight's top singular vectors; the base keeps the rest), olora (QR of the weight), eva
+    (A from the SVD of the layer inputs on ``init_batches`` training batches; ranks redistributed
+    by explained variance), corda (context-oriented SVD from the input covariance on ``init_batches``
+    training batches), loftq (4-bit only: A, B that cancel the quantization error; needs a CUDA GPU).
+    pissa, olora and corda rewrite the adapted base weights; the checkpoint stores the initial
+    adapter so that the base is restored exactly, and an unmerged export is converted to a plain
+    LoRA of rank 2r on the original base (peft's conversion)."""
     r: int = 16
-    """LoRA rank."""
+    """Rank: LoRA's and its variants' rank; AdaLoRA's initial rank; VeRA's projection rank."""
     alpha: float = 32.0
-    """LoRA alpha (scaling alpha / r, or alpha / sqrt(r) for rslora)."""
+    """LoRA alpha (scaling alpha / r, or alpha / sqrt(r) for rslora); also AdaLoRA's."""
     dropout: float = 0.05
-    """Dropout on the LoRA input."""
+    """Dropout on the adapter input (LoRA, AdaLoRA, VeRA) or of whole rotation blocks (OFT, BOFT)."""
     targets: str | list[str] = "lm-qv"
     """A preset expression of the model family, such as ``lm-qv`` (the language model's q,v: PEFT's
     default and the original project's), ``lm-attn`` (q,k,v,out), ``lm-all`` (all linears of the
     LANGUAGE MODEL ONLY), ``vision`` (the vision tower's linears), ``projector`` (the vision-to-language
     projector), ``qformer-qv``, ``qformer-attn`` (BLIP-2's and InstructBLIP's Q-Former), combined with ``+``
     (``lm-all+qformer-attn``); or a list of module names passed to PEFT as they are (PEFT matches a
-    name anywhere: ``fc1`` reaches the vision tower too). ``medcap train --dry-run`` prints what matched."""
+    name anywhere: ``fc1`` reaches the vision tower too). ``medcap train --dry-run`` prints what matched.
+    A preset the model's family lacks is refused when the config loads, naming the family's presets."""
+    train_norms: bool = False
+    """Also train the normalisation layers (LayerNorm, RMSNorm) inside the blocks that hold an adapter,
+    through peft's ``modules_to_save`` (saved with the adapter, merged on export)."""
+    pissa_iters: int | None = None
+    """init pissa: subspace iterations of a fast randomized SVD (peft's ``pissa_niter_N``; 16 does a
+    7B model in seconds); null: the exact SVD."""
+    init_batches: int = 16
+    """init eva / corda: training batches (of ``train.batch_size``) the statistics come from; cached
+    in RUN/peft_init/ and reused while the data and settings match."""
+    eva_rho: float = 2.0
+    """init eva: each layer may end with up to rho x r ranks (the budget r x layers is redistributed by
+    explained variance); 1 keeps every layer at r."""
+    eva_tau: float = 0.99
+    """init eva: the SVD of a layer has converged when its components' cosine similarity between two
+    batches reaches tau."""
+    corda_mode: Literal["ipm", "kpm"] = "ipm"
+    """init corda: ipm (instruction-previewed: adapt the directions the data uses most, fastest to
+    learn) or kpm (knowledge-preserved: adapt the ones it uses least)."""
+    adalora_target_r: int = 8
+    """adalora: the average rank left per layer after pruning (it starts at ``r``)."""
+    adalora_warmup: float = 0.1
+    """adalora: share of the run's optimizer steps before pruning starts (peft's tinit)."""
+    adalora_final: float = 0.2
+    """adalora: share of the run's optimizer steps at the end with the final ranks fixed (peft's tfinal)."""
+    adalora_interval: int = 10
+    """adalora: optimizer steps between two rank allocations (peft's deltaT)."""
+    adalora_orth_reg: float = 0.5
+    """adalora: weight of the orthogonality penalty on its P and Q matrices."""
+    block_size: int = 16
+    """oft / boft: size of the orthogonal blocks; it must divide each adapted layer's input size."""
+    butterfly_factor: int = 1
+    """boft: butterfly factors (1 is block-diagonal OFT; more share rotations across blocks)."""
 
     def __post_init__(self) -> None:
         from medcap.model.families import preset_names
@@ -61,6 +127,67 @@ class PeftSettings:
                 )
         elif not self.targets:
             raise ConfigError("peft.targets: the list of module names is empty")
+        self._check_method_settings()
+
+    def _check_method_settings(self) -> None:
+        """The settings of one method must not be set for another, and must be in range."""
+        if self.init != "default" and self.method not in LORA_METHODS:
+            raise ConfigError(
+                f"peft.init {self.init} is a LoRA initialisation; method {self.method} has no LoRA matrices. "
+                f"Use method {', '.join(LORA_METHODS)} with init {self.init}, or init default"
+            )
+        if self.pissa_iters is not None and (self.init != "pissa" or self.pissa_iters < 0):
+            raise ConfigError(
+                f"peft.pissa_iters {self.pissa_iters}: only for init pissa, and at least 0; set peft.init pissa "
+                "with it, or unset it (null: the exact SVD)"
+            )
+        if self.init == "loftq" and self.method == "dora":
+            raise ConfigError(
+                "peft.init loftq with method dora: peft sets LoftQ's A and B after DoRA has fixed its "
+                "magnitudes from the quantized weights alone, so the start would not match the full-precision "
+                "model; use method lora or rslora with loftq, or dora with init default"
+            )
+        if self.init == "loftq":
+            scaling = self.alpha / (self.r**0.5 if self.method == "rslora" else self.r)
+            if abs(scaling - 1.0) > 1e-9:
+                want = f"{self.r**0.5:g} (sqrt(r))" if self.method == "rslora" else f"{self.r} (= r)"
+                raise ConfigError(
+                    f"peft.init loftq with alpha {self.alpha:g} and r {self.r}: peft sets LoftQ's A and B without "
+                    f"the LoRA scaling, so the adapter cancels the quantization error only at scaling 1 (it is "
+                    f"{scaling:g}); set peft.alpha to {want}"
+                )
+        if self.init_batches < 1:
+            raise ConfigError(f"peft.init_batches must be at least 1, got {self.init_batches}")
+        if self.eva_rho < 1:
+            raise ConfigError(f"peft.eva_rho must be at least 1 (1: no redistribution), got {self.eva_rho}")
+        if not 0 < self.eva_tau <= 1:
+            raise ConfigError(f"peft.eva_tau must be in (0, 1], got {self.eva_tau}")
+        if self.method == "adalora":
+            if not 1 <= self.adalora_target_r <= self.r:
+                raise ConfigError(
+                    f"peft.adalora_target_r {self.adalora_target_r}: AdaLoRA prunes from r={self.r} down to it, "
+                    "so it must be between 1 and peft.r"
+                )
+            if not (0 <= self.adalora_warmup < 1 and 0 <= self.adalora_final < 1):
+                raise ConfigError(
+                    "peft.adalora_warmup and peft.adalora_final are shares of the steps, in [0, 1)"
+                )
+            if self.adalora_warmup + self.adalora_final >= 1:
+                raise ConfigError(
+                    f"peft.adalora_warmup {self.adalora_warmup} + peft.adalora_final {self.adalora_final} leave "
+                    "no steps to allocate ranks in; keep their sum below 1 (e.g. 0.1 and 0.2)"
+                )
+            if self.adalora_interval < 1 or self.adalora_orth_reg < 0:
+                raise ConfigError(
+                    "peft.adalora_interval must be at least 1 and peft.adalora_orth_reg at least 0"
+                )
+        if self.block_size < 1 or self.butterfly_factor < 1:
+            raise ConfigError("peft.block_size and peft.butterfly_factor must be at least 1")
+        if self.train_norms and self.method == "none":
+            raise ConfigError(
+                "peft.train_norms trains norm layers next to an adapter (peft's modules_to_save); "
+                "choose a peft.method, or model.full_finetune to train everything"
+            )
 
 
 @dataclass
@@ -156,6 +283,8 @@ class ModelConfig:
                 "model.full_finetune trains every parameter; set model.peft.method: none "
                 f"(it is {self.peft.method!r})"
             )
+        self._check_peft_quantization()
+        self._check_family_parts()
         if self.full_finetune and self.quantization != "none":
             raise ConfigError("model.full_finetune cannot train quantized weights; set quantization: none")
         if (
@@ -191,5 +320,66 @@ class ModelConfig:
         ):
             log.warning("model: nothing trains (peft.method none and no train_* flag); fine for inference")
 
+    def _check_family_parts(self) -> None:
+        """Refuse target presets and ``train_*`` flags that the model's family does not have (BLIP-2's
+        ``qformer-qv`` on Qwen-VL, ``projector`` on Gemma 3, whose projector is no linear layer), naming
+        what the family has. Checked when the family is known without the hub (a tiny name, a local
+        folder, a shipped hub id); otherwise the build checks the same."""
+        from medcap.model.families import resolve_family
+        from medcap.model.family import TRAIN_FLAGS
 
-__all__ = ["ModelConfig", "PeftSettings", "Precision"]
+        try:
+            family = resolve_family(self)
+        except ConfigError:
+            return  # an unknown model: build_model says which families exist
+        if self.peft.method != "none" and isinstance(self.peft.targets, str):
+            names = [n.strip() for n in self.peft.targets.split("+")]
+            missing = [n for n in names if n not in family.target_presets]
+            if missing:
+                raise ConfigError(
+                    f"model.peft.targets {self.peft.targets!r}: {', '.join(map(repr, missing))} is not a preset of "
+                    f"the {family.name} family ({family.description}); its presets are "
+                    f"{', '.join(family.target_presets)} (join with '+'), or give a list of module names"
+                )
+        for flag, part in TRAIN_FLAGS.items():
+            if getattr(self, flag) and not family.parts.get(part):
+                has = [f"model.{f} ({p})" for f, p in TRAIN_FLAGS.items() if family.parts.get(p)]
+                raise ConfigError(
+                    f"model.{flag}: the {family.name} family has no {part}; unset it. It can train "
+                    f"{', '.join(has) or 'no whole part'}, or adapters through model.peft.targets "
+                    f"({', '.join(family.target_presets)})"
+                )
+
+    def _check_peft_quantization(self) -> None:
+        """Refuse LoRA initialisations that the quantization cannot take, saying what works instead."""
+        init, quant = self.peft.init, self.quantization
+        if init in ("pissa", "corda") and quant != "none":
+            raise ConfigError(
+                f"model.peft.init {init} with quantization {quant}: {init} computes the residual weights "
+                "W - scale * B A from full-precision weights (peft refuses quantized ones). With 4-bit use "
+                "init loftq (the quantization-aware init) or default; for pissa/corda set quantization none"
+            )
+        if init == "olora" and quant != "none":
+            raise ConfigError(
+                f"model.peft.init olora with quantization {quant}: OLoRA re-quantizes the residual weights "
+                "W - scale * B A, which medcap cannot rebuild bit for bit when it loads a checkpoint onto a "
+                "freshly quantized base. With 4-bit use init loftq or default; for olora set quantization none"
+            )
+        if init == "loftq" and quant != "4bit":
+            raise ConfigError(
+                f"model.peft.init loftq with quantization {quant}: LoftQ starts LoRA so that it cancels the "
+                "4-bit (NF4) quantization error, so it needs model.quantization 4bit; without 4-bit use init "
+                "default or pissa"
+            )
+
+
+__all__ = [
+    "BASE_REWRITING_INITS",
+    "DATA_DRIVEN_INITS",
+    "LORA_METHODS",
+    "ModelConfig",
+    "PeftInit",
+    "PeftMethod",
+    "PeftSettings",
+    "Precision",
+]

@@ -27,6 +27,22 @@ class RunConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     """Decoding settings for the sample captions (and later for medcap predict)."""
 
+    def __post_init__(self) -> None:
+        """Settings of two sections that only work together."""
+        from medcap.config.model import LORA_METHODS
+
+        method = self.model.peft.method
+        if self.train.loraplus_ratio is not None and method not in LORA_METHODS:
+            raise ConfigError(
+                f"train.loraplus_ratio gives LoRA's B matrices their own learning rate; model.peft.method "
+                f"{method} has none. Use method {', '.join(LORA_METHODS)}, or unset train.loraplus_ratio"
+            )
+        if self.model.peft.init == "loftq" and self.train.cpu:
+            raise ConfigError(
+                "model.peft.init loftq with train.cpu: peft computes LoftQ on a CUDA (or XPU) device only; "
+                "train on a GPU, or use init default (QLoRA) on the CPU"
+            )
+
 
 #: Settings earlier medcap versions wrote into config.yaml that have a new spelling now, and how an
 #: old value becomes the new one; so checkpoints and run folders of those versions still load.

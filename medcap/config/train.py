@@ -37,6 +37,9 @@ class TrainConfig:
     """AdamW betas."""
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     """adamw (torch) or adamw8bit (bitsandbytes: 8-bit optimizer state, a quarter of the memory)."""
+    loraplus_ratio: float | None = None
+    """LoRA+ (peft's create_loraplus_optimizer): LoRA's B matrices (and 1-D adapter parameters) learn at
+    lr x this ratio, A at lr; the paper suggests 16. Null: one learning rate. LoRA methods only."""
     warmup_steps: int | None = None
     """Linear warmup length in optimizer steps (exclusive with warmup_ratio)."""
     warmup_ratio: float = 0.0
@@ -142,6 +145,12 @@ class TrainConfig:
             positive(name, allow_none=True)
         if self.lr <= 0 or not math.isfinite(self.lr):
             raise ConfigError(f"train.lr must be a positive number, got {self.lr!r}")
+        if self.loraplus_ratio is not None and not (
+            self.loraplus_ratio >= 1 and math.isfinite(self.loraplus_ratio)
+        ):
+            raise ConfigError(
+                f"train.loraplus_ratio is B's learning rate over A's and must be at least 1, got {self.loraplus_ratio!r}"
+            )
         if self.weight_decay < 0:
             raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay!r}")
         if not all(0.0 <= b < 1.0 for b in self.betas):

@@ -73,6 +73,7 @@ def _load_unquantized(checkpoint: Path, run_cfg: RunConfig) -> tuple[Any, Any]:
     """
     from medcap.model.build import build_model
     from medcap.model.checkpoint import load_trainable
+    from medcap.model.peft_methods import AdapterSetup
 
     model_cfg = run_cfg.model
     if model_cfg.quantization != "none":
@@ -80,8 +81,12 @@ def _load_unquantized(checkpoint: Path, run_cfg: RunConfig) -> tuple[Any, Any]:
             f"export: the checkpoint was trained with {model_cfg.quantization} quantization; "
             "loading the base unquantized for export"
         )
-        model_cfg = dataclasses.replace(model_cfg, quantization="none")
-    model, processor = build_model(model_cfg, verbose=False)
+        # LoftQ belongs to the 4-bit base; the trained adapter is loaded, so no init runs anyway.
+        peft = model_cfg.peft
+        if peft.init == "loftq":
+            peft = dataclasses.replace(peft, init="default")
+        model_cfg = dataclasses.replace(model_cfg, quantization="none", peft=peft)
+    model, processor = build_model(model_cfg, verbose=False, adapters=AdapterSetup(checkpoint=checkpoint))
     load_trainable(model, checkpoint)
     model.eval()
     return model, processor
@@ -102,6 +107,8 @@ def export(
     half an export. Returns ``out``.
     """
     from peft import PeftModel
+
+    from medcap.model.peft_state import saving
 
     checkpoint = Path(adapter_dir)
     out = Path(out)
@@ -124,13 +131,26 @@ def export(
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     base_dir_written = False
+    rewrote_base = CheckpointLayout(checkpoint).adapter_init.is_dir()
+    for note in export_notes(run_cfg, merge, rewrote_base and not (private_base or trained_outside_adapter)):
+        print(f"export: {note}")
     try:
         if merge:
             merged = model.merge_and_unload() if is_peft else model
             merged.save_pretrained(str(staging))
             processor.save_pretrained(str(staging))
+        elif rewrote_base and not (private_base or trained_outside_adapter):
+            # The adapter must load on the original base: peft converts it against the initial adapter.
+            with saving(model):
+                model.save_pretrained(
+                    str(staging),
+                    path_initial_model_for_weight_conversion=str(CheckpointLayout(checkpoint).adapter_init),
+                )
+            processor.save_pretrained(str(staging))
+            _set_adapter_base(staging, base_name)
         else:
-            model.save_pretrained(str(staging))
+            with saving(model):
+                model.save_pretrained(str(staging))
             processor.save_pretrained(str(staging))
             if private_base or trained_outside_adapter:
                 # The adapter alone would be useless: its base cannot be downloaded, or training
@@ -163,6 +183,48 @@ def export(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def export_notes(run_cfg: RunConfig, merge: bool, converted: bool) -> list[str]:
+    """What a user of the export should know about its PEFT method (printed; empty for plain LoRA)."""
+    peft = run_cfg.model.peft
+    notes: list[str] = []
+    if peft.method == "none":
+        return notes
+    if merge:
+        if (
+            peft.method == "adalora"
+            or peft.init != "default"
+            or peft.train_norms
+            or peft.method
+            in (
+                "vera",
+                "oft",
+                "boft",
+            )
+        ):
+            what = peft.method if peft.init == "default" else f"{peft.method} (init {peft.init})"
+            notes.append(f"{what} merges into the base weights (peft's merge_and_unload); no adapter remains")
+        return notes
+    if converted:
+        notes.append(
+            f"init {peft.init} rewrote the adapted base weights during training; the adapter is converted "
+            f"to a plain LoRA of rank {2 * peft.r} against the original base (peft's conversion), so it "
+            "loads on the base named in adapter_config.json"
+        )
+    elif peft.init in ("pissa", "olora", "corda"):
+        notes.append(
+            f"init {peft.init} rewrote the adapted base weights: base/ holds that residual base, and the "
+            "adapter loads on it (not on the original weights)"
+        )
+    if peft.method == "adalora":
+        notes.append(
+            f"AdaLoRA is saved at its initial rank {peft.r} with the pruned ranks zero (the outputs are "
+            "those of the pruned adapter); --merge folds it into the weights"
+        )
+    if peft.train_norms:
+        notes.append("the trained norm layers travel in the adapter (peft's modules_to_save)")
+    return notes
 
 
 def _set_adapter_base(folder: Path, base: str) -> None:

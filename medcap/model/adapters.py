@@ -1,5 +1,5 @@
-"""PEFT adapters (LoRA, DoRA, rsLoRA, (IA)3) on a family's named, explicitly scoped targets, the
-``model.train_*`` flags, and the parameter counts printed with them."""
+"""PEFT adapters on a family's named, explicitly scoped targets (the methods themselves are built in
+``medcap.model.peft_methods``), the ``model.train_*`` flags, and the parameter counts printed with them."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from medcap.config.loader import ConfigError
-from medcap.model.family import ModelFamily
+from medcap.model.family import TRAIN_FLAGS, ModelFamily
 
 if TYPE_CHECKING:
     from medcap.config.model import ModelConfig, PeftSettings
+    from medcap.model.peft_methods import AdapterSetup
 
 
 def unwrap(model: Any) -> Any:
@@ -65,43 +66,42 @@ def resolve_targets(
         ]
         target = names
     if not matched:
-        raise ConfigError(f"model.peft.targets {settings.targets!r} matches no linear layer of this model")
+        raise ConfigError(
+            f"model.peft.targets {settings.targets!r} matches no linear layer of this model; the {family.name} "
+            f"family's presets are {', '.join(family.target_presets)} (join with '+'), and "
+            "`medcap train --dry-run` lists the layers a list of module names matched"
+        )
     return target, matched
 
 
-def apply_peft(model: Any, cfg: ModelConfig, family: ModelFamily) -> tuple[Any, list[str]]:
-    """Wrap ``model`` with the adapter ``cfg.peft`` asks for; returns the PeftModel and the adapted modules."""
-    from peft import IA3Config, LoraConfig, get_peft_model
+def apply_peft(
+    model: Any,
+    cfg: ModelConfig,
+    family: ModelFamily,
+    *,
+    processor: Any = None,
+    setup: AdapterSetup | None = None,
+    meta: bool = False,
+    loftq_weights: str | None = None,
+) -> tuple[Any, list[str]]:
+    """Wrap ``model`` with the adapter ``cfg.peft`` asks for (``medcap.model.peft_methods``); returns
+    the PeftModel and the names of the modules that hold an adapter."""
+    from medcap.model.peft_methods import apply_adapter, tuner_layers
 
-    settings = cfg.peft
-    target, matched = resolve_targets(model, settings, family)
-    if settings.method == "ia3":
-        ff_names = family.feedforward_names
-        if isinstance(target, str):
-            ff = [n for n in matched if n.rsplit(".", 1)[-1] in ff_names]
-            target = matched  # explicit names so feedforward_modules can be a subset of them
-        else:
-            ff = [t for t in target if t.rsplit(".", 1)[-1] in ff_names]
-        peft_cfg = IA3Config(target_modules=target, feedforward_modules=ff)
-    else:
-        peft_cfg = LoraConfig(
-            r=settings.r,
-            lora_alpha=settings.alpha,
-            lora_dropout=settings.dropout,
-            target_modules=target,
-            use_dora=settings.method == "dora",
-            use_rslora=settings.method == "rslora",
-            bias="none",
-        )
-    return get_peft_model(model, peft_cfg), matched
-
-
-#: The ``model.train_*`` flags and the family part each one trains.
-TRAIN_FLAGS = {
-    "train_qformer": "qformer",
-    "train_vision": "vision",
-    "train_language_projection": "projection",
-}
+    target, matched = resolve_targets(model, cfg.peft, family)
+    peft_model = apply_adapter(
+        model,
+        cfg,
+        family,
+        target,
+        matched,
+        processor=processor,
+        setup=setup,
+        meta=meta,
+        loftq_weights=loftq_weights,
+    )
+    # EVA may drop layers it gives rank 0; train_norms adds the norm layers' wrappers.
+    return peft_model, [n for n in tuner_layers(peft_model) if n in set(matched)] or matched
 
 
 def set_trainable(model: Any, cfg: ModelConfig, family: ModelFamily) -> None:

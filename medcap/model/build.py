@@ -7,8 +7,8 @@ and the processor, and does the rest the same way for every family:
   bitsandbytes), a built-in tiny model, or ``random_init`` (the full-size architecture from its
   config.json with cheap random weights: no hub, no slow init); ``meta=True``: shapes only;
 * precision (fp32/fp16/bf16, the family's fp32 parts kept fp32), gradient checkpointing;
-* PEFT (LoRA, QLoRA, DoRA, rsLoRA, (IA)3) on the family's named target presets, or whole family
-  parts (``train_qformer``, ``train_vision``, ``train_language_projection``), or everything;
+* PEFT (LoRA, QLoRA, DoRA, rsLoRA and their inits, AdaLoRA, VeRA, (IA)3, OFT, BOFT, trainable
+  norms: ``medcap.model.peft_methods``) on the family's named target presets, or whole family parts (``train_qformer``, ``train_vision``, ``train_language_projection``), or everything;
 * on a CPU without native half-precision products, frozen half layers compute in fp32.
 
 The model comes back in eval mode with ``medcap_config``, ``medcap_family`` (the family object)
@@ -21,8 +21,10 @@ import contextlib
 import dataclasses
 import logging
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,6 +35,7 @@ from medcap.model.cpu import cpu_has_native_half_matmul, upcast_frozen_linears_o
 from medcap.model.families import resolve_family
 from medcap.model.family import ModelFamily
 from medcap.model.hub import check_hub_model
+from medcap.model.peft_methods import AdapterSetup, check_loftq_device, describe
 from medcap.model.quantize import DTYPES, pretrained_kwargs, quantize_in_memory
 from medcap.model.random_init import materialize_random, meta_model
 
@@ -78,7 +81,9 @@ class _OptionalKernelNoise(logging.Filter):
         return "gemm_4bit_forward from kernels-community" not in str(record.msg)
 
 
-def build_model(cfg: ModelConfig, verbose: bool = True, meta: bool = False) -> tuple[Any, Any]:
+def build_model(
+    cfg: ModelConfig, verbose: bool = True, meta: bool = False, *, adapters: AdapterSetup | None = None
+) -> tuple[Any, Any]:
     """Build the model and its processor as ``cfg`` says, with PEFT and trainable flags applied.
 
     Returns ``(model, processor)``. The model is a ``PeftModel`` when ``cfg.peft.method`` is not
@@ -88,17 +93,48 @@ def build_model(cfg: ModelConfig, verbose: bool = True, meta: bool = False) -> t
 
     ``meta=True`` builds on the meta device from the tiny, shipped or local config: shapes only, no
     memory and no weights, for parameter counts and memory planning (quantization is not applied).
+
+    ``adapters`` gives the adapter what it may need besides the config (``AdapterSetup``): the run's
+    step count (AdaLoRA), training batches and a cache folder (EVA, CorDA), or the checkpoint whose
+    adapter is about to be loaded (then no init is computed). Meta builds compute no init either.
     """
     import_backends()  # before the clock starts (the build time excludes imports), see there for why here
-    return _build_model(cfg, verbose, meta)
+    return _build_model(cfg, verbose, meta, adapters)
 
 
-def _build_model(cfg: ModelConfig, verbose: bool, meta: bool) -> tuple[Any, Any]:
+def _build_model(
+    cfg: ModelConfig, verbose: bool, meta: bool, adapters: AdapterSetup | None
+) -> tuple[Any, Any]:
     start = time.perf_counter()
     family = resolve_family(cfg)
     if meta and cfg.quantization != "none":
         cfg = dataclasses.replace(cfg, quantization="none")
-    model, processor, how = _build_base(cfg, family, meta)
+    loftq = (
+        cfg.peft.init == "loftq"
+        and not meta
+        and (adapters is None or (adapters.checkpoint is None and adapters.compute_init))
+    )
+    if loftq:
+        check_loftq_device()  # before minutes of building
+    random_base = cfg.name_or_path in family.tiny_names or cfg.random_init
+    # LoftQ reads the full-precision weights of the 4-bit base: a random base keeps its temporary save.
+    weights = tempfile.TemporaryDirectory(prefix="medcap-loftq-") if loftq and random_base else None
+    with weights if weights is not None else contextlib.nullcontext():
+        keep = weights.name if weights is not None else None
+        model, processor = _build_and_adapt(cfg, family, meta, adapters, keep, start, verbose)
+    return model, processor
+
+
+def _build_and_adapt(
+    cfg: ModelConfig,
+    family: ModelFamily,
+    meta: bool,
+    adapters: AdapterSetup | None,
+    keep_weights_in: str | None,
+    start: float,
+    verbose: bool,
+) -> tuple[Any, Any]:
+    model, processor, how = _build_base(cfg, family, meta, keep_weights_in)
     family.finish_build(model, processor, cfg, how=how)
 
     for p in model.parameters():
@@ -122,8 +158,18 @@ def _build_model(cfg: ModelConfig, verbose: bool, meta: bool) -> tuple[Any, Any]
     matched: list[str] = []
     if cfg.peft.method != "none":
         # On meta, create the adapters on meta too (no initialisation work for shapes-only builds).
+        local = Path(cfg.name_or_path).expanduser()
+        loftq_weights = keep_weights_in or (str(local) if local.is_dir() else None)
         with torch.device("meta") if meta else contextlib.nullcontext():
-            model, matched = apply_peft(model, cfg, family)
+            model, matched = apply_peft(
+                model,
+                cfg,
+                family,
+                processor=processor,
+                setup=adapters,
+                meta=meta,
+                loftq_weights=loftq_weights,
+            )
         _no_input_grad_hooks(model, cfg)
     set_trainable(model, cfg, family)
 
@@ -147,14 +193,17 @@ def _build_model(cfg: ModelConfig, verbose: bool, meta: bool) -> tuple[Any, Any]
             f"({100 * trainable / max(total, 1):.3f}%), built in {seconds:.1f} s"
         )
         if cfg.peft.method != "none":
+            steps = adapters.train_steps if adapters is not None else None
             scopes = ", ".join(f"{k} {v}" for k, v in scope_counts(matched, cfg.peft, family).items())
             print(
-                f"peft {cfg.peft.method} r={cfg.peft.r} on {len(matched)} modules ({scopes}): {summarize(matched)}"
+                f"peft {describe(cfg.peft, steps)} on {len(matched)} modules ({scopes}): {summarize(matched)}"
             )
     return model, processor
 
 
-def _build_base(cfg: ModelConfig, family: ModelFamily, meta: bool) -> tuple[Any, Any, str]:
+def _build_base(
+    cfg: ModelConfig, family: ModelFamily, meta: bool, keep_weights_in: str | None = None
+) -> tuple[Any, Any, str]:
     """The model and processor before PEFT / trainable flags, and how they were made."""
     dtype = DTYPES[cfg.precision]
     model_class = family.model_class()
@@ -170,7 +219,7 @@ def _build_base(cfg: ModelConfig, family: ModelFamily, meta: bool) -> tuple[Any,
 
         if cfg.quantization != "none":
             # Built and dropped inside, so that no caller's name keeps the 16-bit model.
-            model = quantize_in_memory(random_model, cfg, model_class, family.quant_skip)
+            model = quantize_in_memory(random_model, cfg, model_class, family.quant_skip, keep_weights_in)
         else:
             model = random_model()
         return model, processor, "random"

@@ -12,6 +12,8 @@ import torch
 from medcap.config.run import RunConfig, read_run_config
 from medcap.layout import CheckpointLayout
 from medcap.model.adapters import count_parameters, unwrap
+from medcap.model.peft_methods import adapter_parameter_names
+from medcap.model.peft_state import read_adapter_init, restore_base, saving, write_adapter_init
 
 #: Random-init models up to this many parameters store their base weights in a checkpoint
 #: (base.safetensors); larger ones are rebuilt from ``init_seed`` and checked by a fingerprint.
@@ -19,13 +21,8 @@ BASE_WEIGHTS_LIMIT = 50_000_000
 
 
 def _adapter_param_names(model) -> set[str]:
-    """Names of the PEFT adapter's own parameters (what ``adapter/`` holds), by the tuner's prefix."""
-    from peft import PeftModel
-
-    if not isinstance(model, PeftModel):
-        return set()
-    prefix = model.base_model.prefix  # "lora_" (LoRA, DoRA's lora_magnitude_vector) or "ia3_"
-    return {n for n, _ in model.named_parameters() if prefix in n}
+    """Names of the PEFT adapter's own parameters (what ``adapter/`` holds)."""
+    return adapter_parameter_names(model)
 
 
 def base_fingerprint(model) -> str:
@@ -53,6 +50,8 @@ def save_trainable(
     may be left out, and ``fingerprint`` is then the base's fingerprint taken before sharding.
 
     * ``adapter/``: the PEFT adapter (``save_pretrained``), loadable by PEFT itself for export;
+    * ``adapter_init/``: the adapter as it started, when its init rewrote the base weights (pissa,
+      olora, corda): ``load_trainable`` restores the residual base from it;
     * ``trainable.safetensors``: every other parameter with ``requires_grad`` (fully trained
       Q-Former, vision tower, projection; everything for a full fine-tune), by module name;
     * for random-init and tiny models (whose base weights are not on any hub): ``base.safetensors``
@@ -78,15 +77,25 @@ def save_trainable(
         tmp = directory / "adapter.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
-        if state is not None:
-            model.save_pretrained(str(tmp), state_dict={n: value(n) for n in adapter_names})
-        else:
-            model.save_pretrained(str(tmp))
+        with saving(model):
+            if state is not None:
+                model.save_pretrained(str(tmp), state_dict={n: value(n) for n in adapter_names})
+            else:
+                model.save_pretrained(str(tmp))
         final = directory / "adapter"
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
         written.append("adapter")
+        layout = CheckpointLayout(directory)
+        init_tmp = directory / "adapter_init.tmp"
+        if init_tmp.exists():
+            shutil.rmtree(init_tmp)
+        if write_adapter_init(model, init_tmp):
+            if layout.adapter_init.exists():
+                shutil.rmtree(layout.adapter_init)
+            init_tmp.rename(layout.adapter_init)
+            written.append("adapter_init")
     rest = {_plain_name(n): value(n) for n, p in named.items() if p.requires_grad and n not in adapter_names}
     if rest:
         _atomic_save(save_file, rest, directory / "trainable.safetensors")
@@ -166,13 +175,20 @@ def load_trainable(model, directory: str | Path) -> None:
     """Load a checkpoint's model files into a model built from the same config (resume, inference).
 
     Order: random-init base weights (``base.safetensors``, or a ``base_fingerprint.txt`` check), the
-    PEFT adapter (``adapter/``), then the other trained parameters (``trainable.safetensors``).
+    residual base of a pissa / olora / corda adapter (from ``adapter_init/``, unless base.safetensors
+    held it already), the PEFT adapter (``adapter/``), then the other trained parameters
+    (``trainable.safetensors``).
+
+    A model with an ``adapter_init/`` must be built for the checkpoint (``AdapterSetup(checkpoint=)``,
+    as ``load_checkpoint`` and a resumed ``fit`` do): its base must still be the original one.
     """
     from peft import PeftModel, set_peft_model_state_dict
 
     directory = Path(directory)
-    if (directory / "base.safetensors").is_file():
-        _copy_into(model, directory / "base.safetensors")
+    layout = CheckpointLayout(directory)
+    base_copied = layout.base.is_file()
+    if base_copied:
+        _copy_into(model, layout.base)
     fingerprint = directory / "base_fingerprint.txt"
     if fingerprint.is_file():
         want = fingerprint.read_text(encoding="utf-8").strip()
@@ -182,6 +198,17 @@ def load_trainable(model, directory: str | Path) -> None:
                 f"{fingerprint}: the rebuilt random base differs from the trained one ({got} != {want}); "
                 "the init code, init_seed or torch version changed, so this adapter was trained on other weights"
             )
+    if layout.adapter_init.is_dir():
+        initial = read_adapter_init(layout.adapter_init)
+        if base_copied:  # base.safetensors held the residual base already
+            model.medcap_adapter_init = initial
+        elif getattr(model, "medcap_adapter_init", None) is not None:
+            raise ValueError(
+                f"{directory}: this model computed its own {model.medcap_config.peft.init} init, which rewrote "
+                "its base; build it for the checkpoint (AdapterSetup(checkpoint=...), as load_checkpoint does)"
+            )
+        else:
+            restore_base(model, initial)
     adapter = directory / "adapter"
     if adapter.is_dir():
         if not isinstance(model, PeftModel):
@@ -210,9 +237,12 @@ def load_checkpoint(directory: str | Path, verbose: bool = False) -> tuple[Any, 
     section, then ``load_trainable``. The model is in eval mode.
     """
     from medcap.model.build import build_model
+    from medcap.model.peft_methods import AdapterSetup
 
     run_cfg = read_run_config(directory)
-    model, processor = build_model(run_cfg.model, verbose=verbose)
+    model, processor = build_model(
+        run_cfg.model, verbose=verbose, adapters=AdapterSetup(checkpoint=Path(directory))
+    )
     load_trainable(model, directory)
     model.eval()
     return model, processor, run_cfg

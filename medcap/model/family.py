@@ -153,6 +153,14 @@ class ModelFamily(Protocol):
         ...
 
 
+#: The ``model.train_*`` flags and the family part (``ModelFamily.parts``) each one trains.
+TRAIN_FLAGS = {
+    "train_qformer": "qformer",
+    "train_vision": "vision",
+    "train_language_projection": "projection",
+}
+
+
 def processor_image_side(processor: Any) -> int | None:
     """The input side in pixels a processor resizes to (``size`` of its image processor), or None.
 
@@ -211,4 +219,4 @@ def processor_resizer(processor: Any) -> Callable[[Image.Image], Image.Image] | 
     return resize if np.array_equal(np.asarray(direct), np.asarray(early)) else None
 
 
-__all__ = ["Collator", "ModelFamily", "processor_image_side", "processor_resizer"]
+__all__ = ["TRAIN_FLAGS", "Collator", "ModelFamily", "processor_image_side", "processor_resizer"]

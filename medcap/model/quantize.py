@@ -3,6 +3,7 @@ pretrained loads and for random-init builds of the full-size architectures."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -60,7 +61,11 @@ def pretrained_kwargs(cfg: ModelConfig, skip_modules: tuple[str, ...]) -> dict[s
 
 
 def quantize_in_memory(
-    make_model: Callable[[], Any], cfg: ModelConfig, model_class: type, skip_modules: tuple[str, ...]
+    make_model: Callable[[], Any],
+    cfg: ModelConfig,
+    model_class: type,
+    skip_modules: tuple[str, ...],
+    keep_weights_in: str | None = None,
 ):
     """Quantize a random-init model's linears with bitsandbytes by a save/load round trip.
 
@@ -68,11 +73,19 @@ def quantize_in_memory(
     temporary folder: the same code path as the hub weights. The 16-bit model is made here and freed
     before the load (its only reference dropped, its reference cycles collected): the 6.7B QLoRA dry
     run peaked at 24.0 GB of RAM, the whole 24 GB machine, while both were alive.
+
+    ``keep_weights_in``: save the 16-bit weights into this folder (the caller's, kept after the
+    load) instead of a temporary one: LoftQ reads them to start LoRA against the quantization error.
     """
     log.info(
         "quantizing the random model %s through a temporary save (%s)", cfg.name_or_path, cfg.quantization
     )
-    with tempfile.TemporaryDirectory(prefix="medcap-quant-") as tmp:
+    folder = (
+        contextlib.nullcontext(keep_weights_in)
+        if keep_weights_in is not None
+        else tempfile.TemporaryDirectory(prefix="medcap-quant-")
+    )
+    with folder as tmp:
         model = make_model()
         model.save_pretrained(tmp)
         del model
@@ -81,10 +94,32 @@ def quantize_in_memory(
     return quantized
 
 
+@contextlib.contextmanager
+def keep_4bit_training_layout(model: Any):
+    """Run forwards that come before training (EVA's, CorDA's statistics) without bitsandbytes'
+    inference repacking.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit layer's weights in place at its
+    first eval-mode forward without gradients, for a faster inference kernel that has no backward:
+    a training forward afterwards fails ("a view of a leaf Variable ... in-place operation"). It
+    undoes the packing only when the state dict is written (fit() saves a checkpoint after every
+    validation, which is why validating mid-run works)."""
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    before = [m.support_avx512bf16_for_cpu for m in layers]
+    for m in layers:
+        m.support_avx512bf16_for_cpu = False
+    try:
+        yield
+    finally:
+        for m, value in zip(layers, before, strict=True):
+            m.support_avx512bf16_for_cpu = value
+
+
 __all__ = [
     "DTYPES",
     "compute_dtype",
     "device_map",
+    "keep_4bit_training_layout",
     "pretrained_kwargs",
     "quantization_config",
     "quantize_in_memory",

@@ -180,6 +180,12 @@ def trainable_parameters(model: Any, model_cfg: ModelConfig, family: ModelFamily
                 adapter += settings.r * (fin + fout)
                 if settings.method == "dora":
                     adapter += fout  # the magnitude vector
+        if settings.method not in ("lora", "rslora", "dora", "ia3") or settings.train_norms:
+            # No LoRA formula (VeRA's shared projections, AdaLoRA's E, OFT/BOFT blocks, norm copies):
+            # peft builds the adapter on the meta device and it is counted.
+            from medcap.model.peft_methods import adapter_parameter_count
+
+            adapter = adapter_parameter_count(model_cfg, model, matched)
     trained_parts = {part for flag, part in TRAIN_FLAGS.items() if getattr(model_cfg, flag)}
     module_params = module_bytes = 0
     seen: set[int] = set()

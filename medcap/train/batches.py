@@ -86,3 +86,36 @@ def eval_batches(lengths: Sequence[int], batch_size: int, rank: int, world: int)
     exact), sorted by length so that padding is small."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))[rank::world]
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def calibration_batches(
+    rows: Sequence[ManifestRow],
+    family: Any,
+    model_cfg: Any,
+    max_caption_tokens: int,
+    batch_size: int,
+    n_batches: int,
+    seed: int,
+    progress: bool = True,
+) -> Any:
+    """``calibration(processor, per_batch)`` for ``medcap.model.peft_methods.AdapterSetup``: the
+    statistics of EVA and CorDA come from ``n_batches`` x ``batch_size`` training examples drawn with
+    a private seeded generator (the training order's random state is left alone), collated in
+    batches of ``per_batch`` (None: ``batch_size``)."""
+
+    def make(processor: Any, per_batch: int | None) -> list[dict[str, Any]]:
+        from tqdm.auto import tqdm
+
+        collate = family.collator(processor, model_cfg, max_caption_tokens)
+        dataset = CaptionDataset(rows, min_size=family.image_side(processor))
+        count = min(len(rows), n_batches * batch_size)
+        chosen = np.random.default_rng([seed, 17]).choice(len(rows), size=count, replace=False)
+        step = per_batch or batch_size
+        return [
+            collate([dataset[int(i)] for i in chosen[start : start + step]])
+            for start in tqdm(
+                range(0, count, step), desc="peft init: reading training batches", disable=not progress
+            )
+        ]
+
+    return make

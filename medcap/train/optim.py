@@ -27,7 +27,11 @@ def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
     return f
 
 
-def make_optimizer(params: list[Any], cfg: TrainConfig) -> Any:
+def make_optimizer(params: list[Any], cfg: TrainConfig, model: Any = None) -> Any:
+    """AdamW (or 8-bit AdamW) over ``params``; with ``train.loraplus_ratio``, peft's LoRA+ optimizer
+    over ``model``'s trainable parameters (B matrices at lr x ratio)."""
+    if cfg.loraplus_ratio is not None:
+        return _loraplus(model, cfg)
     # Decay matrices only: decaying biases and norm gains shrinks them for no regularisation benefit.
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -47,3 +51,29 @@ def make_optimizer(params: list[Any], cfg: TrainConfig) -> Any:
     import torch
 
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+def _loraplus(model: Any, cfg: TrainConfig) -> Any:
+    """peft's ``create_loraplus_optimizer``: groups A (lr), B and other 1-D adapter parameters
+    (lr x ratio), embeddings; the schedule scales every group alike, so the ratio holds throughout.
+    Its weight decay applies to A and B alike (peft's grouping); 1-D parameters get none."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    if model is None:
+        raise TrainingError("train.loraplus_ratio needs the model (peft groups its parameters by name)")
+    if cfg.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        optimizer_cls: Any = bnb.optim.AdamW8bit
+    else:
+        import torch
+
+        optimizer_cls = torch.optim.AdamW
+    return create_loraplus_optimizer(
+        model,
+        optimizer_cls,
+        lr=cfg.lr,
+        loraplus_lr_ratio=cfg.loraplus_ratio,
+        loraplus_weight_decay=cfg.weight_decay,
+        betas=cfg.betas,
+    )

@@ -39,7 +39,13 @@ from medcap.config.train import RESUME_MAY_DIFFER, RESUME_MAY_DIFFER_SECTIONS
 from medcap.data.manifest import ManifestRow, read_manifest
 from medcap.layout import CheckpointLayout, RunLayout
 from medcap.train import sharding
-from medcap.train.batches import CaptionDataset, PassBatches, epoch_batches, eval_batches
+from medcap.train.batches import (
+    CaptionDataset,
+    PassBatches,
+    calibration_batches,
+    epoch_batches,
+    eval_batches,
+)
 from medcap.train.errors import NonFiniteLossError, TrainingError
 from medcap.train.logs import RunLog, flat_hyperparameters
 from medcap.train.loss import batch_loss, label_token_count
@@ -251,11 +257,21 @@ def setup(cfg: RunConfig) -> Run:
         accelerator.device,
     )
 
+    # --- schedule --------------------------------------------------------------------------
+    world, rank = accelerator.num_processes, accelerator.process_index
+    global_batch = tc.batch_size * world
+    batches_per_epoch = math.ceil(len(train_rows) / global_batch)
+    steps_per_epoch = math.ceil(batches_per_epoch / tc.grad_accum)
+    total_steps = tc.max_steps if tc.max_steps is not None else tc.epochs * steps_per_epoch
+    warmup = tc.warmup_steps if tc.warmup_steps is not None else int(tc.warmup_ratio * total_steps)
+
     # --- model -----------------------------------------------------------------------------
     from medcap.model.build import build_model
 
     set_seed(tc.seed)  # same seed in every process: identical init (DDP also broadcasts rank 0's)
-    model, processor = build_model(cfg.model, verbose=main)
+    model, processor = build_model(
+        cfg.model, verbose=main, adapters=_adapter_setup(cfg, layout, train_rows, hashes, total_steps, last)
+    )
     family = model.medcap_family
     pad_multiple = tc.pad_to_multiple_of or (8 if accelerator.device.type == "cuda" else 1)
     collator = family.collator(processor, cfg.model, tc.max_caption_tokens, pad_multiple)
@@ -280,13 +296,6 @@ def setup(cfg: RunConfig) -> Run:
         len(x) for x in tokenizer([r.caption for r in valid_rows], add_special_tokens=False)["input_ids"]
     ]
 
-    # --- schedule --------------------------------------------------------------------------
-    world, rank = accelerator.num_processes, accelerator.process_index
-    global_batch = tc.batch_size * world
-    batches_per_epoch = math.ceil(len(train_rows) / global_batch)
-    steps_per_epoch = math.ceil(batches_per_epoch / tc.grad_accum)
-    total_steps = tc.max_steps if tc.max_steps is not None else tc.epochs * steps_per_epoch
-    warmup = tc.warmup_steps if tc.warmup_steps is not None else int(tc.warmup_ratio * total_steps)
     my_eval_batches = eval_batches(valid_len, tc.eval_batch_size or tc.batch_size, rank, world)
 
     # --- optimizer -------------------------------------------------------------------------
@@ -295,7 +304,7 @@ def setup(cfg: RunConfig) -> Run:
         raise TrainingError(
             "the model has no trainable parameters: check model.peft / model.train_* settings"
         )
-    optimizer = make_optimizer(trainable, tc)
+    optimizer = make_optimizer(trainable, tc, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc.schedule, warmup, total_steps))
     save_base, base_print = _base_weights_kept(cfg, model, family)
     if sharding.is_sharded(accelerator):
@@ -397,6 +406,44 @@ def _base_weights_kept(cfg: RunConfig, model: Any, family: Any) -> tuple[bool, s
     return total <= BASE_WEIGHTS_LIMIT and mc.quantization == "none", None
 
 
+def _adapter_setup(
+    cfg: RunConfig,
+    layout: RunLayout,
+    train_rows: list[ManifestRow],
+    hashes: dict[str, dict[str, Any]],
+    total_steps: int,
+    last: CheckpointLayout | None,
+) -> Any:
+    """What the adapter needs from the run: its step count (AdaLoRA), training batches and the cache
+    beside the run (EVA, CorDA), or, when resuming, the checkpoint it is loaded from (no init then)."""
+    from medcap.model.families import resolve_family
+    from medcap.model.peft_methods import AdapterSetup
+
+    tc = cfg.train
+    return AdapterSetup(
+        train_steps=total_steps,
+        calibration=calibration_batches(
+            train_rows,
+            resolve_family(cfg.model),
+            cfg.model,
+            tc.max_caption_tokens,
+            tc.batch_size,
+            cfg.model.peft.init_batches,
+            tc.seed,
+            progress=tc.progress_bar,
+        ),
+        cache_dir=layout.peft_init,
+        cache_key={
+            "train_manifest": hashes[cfg.data.train_split]["sha256"],
+            "batch_size": tc.batch_size,
+            "seed": tc.seed,
+            "max_caption_tokens": tc.max_caption_tokens,
+        },
+        checkpoint=last.root if last is not None else None,
+        show_progress=tc.progress_bar,
+    )
+
+
 def _accelerator(cfg: RunConfig) -> Any:
     """accelerate's Accelerator for the run, with the CPU threads or CUDA settings it needs."""
     import torch
@@ -483,6 +530,7 @@ def _restore(
     import torch
 
     from medcap.model.checkpoint import load_trainable
+    from medcap.model.peft_state import load_training_state
 
     state = torch.load(last.train_state, map_location="cpu", weights_only=True)
     kind = sharding.strategy(accelerator)
@@ -500,12 +548,15 @@ def _restore(
             f"cannot resume from {last.root}: it was written by {state['world_size']} processes, "
             f"this run has {world}; the data order and RNG streams depend on it"
         )
+    net = accelerator.unwrap_model(model)
     if sharding.is_sharded(accelerator):
         # Each process loads its own shard of the trainable parameters and optimizer state.
         sharding.load_sharded(accelerator, model, optimizer, last.sharded)
     else:
-        load_trainable(accelerator.unwrap_model(model), last.root)
+        load_trainable(net, last.root)
         optimizer.load_state_dict(state["optimizer"])
+    # The method's own state beside the weights (AdaLoRA's rank allocator).
+    load_training_state(net, state.get("peft"))
     scheduler.load_state_dict(state["scheduler"])
     if accelerator.scaler is not None and state.get("scaler"):
         accelerator.scaler.load_state_dict(state["scaler"])
@@ -557,18 +608,25 @@ def train_step(run: Run, micro: list[dict[str, Any]]) -> StepResult:
     """
     import torch
 
+    from medcap.model.peft_state import after_optimizer_step, orthogonal_penalty
+
     acc, tc = run.accelerator, run.cfg.train
     world = acc.num_processes
     local_tokens = sum(label_token_count(b["labels"], run.decoder_only) for b in micro)
     n_tokens = acc.reduce(local_tokens.to(run.device).clone(), "sum").clamp(min=1)
     loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
+    # AdaLoRA's orthogonality penalty, once per step (identical on every process, so DDP's mean keeps it).
+    penalty = orthogonal_penalty(acc.unwrap_model(run.model))
     for i, batch in enumerate(micro):
-        sync = contextlib.nullcontext() if i == len(micro) - 1 else acc.no_sync(run.model)
+        last = i == len(micro) - 1
+        sync = contextlib.nullcontext() if last else acc.no_sync(run.model)
         with sync:
             s = batch_loss(run.model, batch, run.decoder_only, run.query_cache)
             # DDP averages gradients over processes: scale by world so the result is the
             # gradient of (sum of all token losses) / (all label tokens of the step).
-            acc.backward(s * (world * sharding.loss_scale(acc, tc.grad_accum)) / n_tokens)
+            scale = sharding.loss_scale(acc, tc.grad_accum)
+            loss = s * (world * scale) / n_tokens
+            acc.backward(loss + penalty * scale if last and penalty is not None else loss)
         loss_sum += s.detach().double()
     step_loss = float(acc.reduce(loss_sum, "sum") / n_tokens)
     measured = acc.clip_grad_norm_(run.trainable, tc.max_grad_norm or float("inf"))
@@ -582,6 +640,8 @@ def train_step(run: Run, micro: list[dict[str, Any]]) -> StepResult:
     if finite or acc.scaler is not None:
         # With a scaler, it sees the inf/NaN gradients itself, skips and lowers its scale.
         run.optimizer.step()
+    if finite:
+        after_optimizer_step(acc.unwrap_model(run.model), run.progress.step)  # AdaLoRA's rank allocation
     run.optimizer.zero_grad(set_to_none=True)
     # The schedule follows the data even over a skipped step, so lr and position stay aligned
     # (torch warns when the very first optimizer step was the one skipped: expected here).
@@ -786,6 +846,8 @@ def save(run: Run, which: str) -> None:
     import torch
     from accelerate.utils import gather_object
 
+    from medcap.model.peft_state import training_state
+
     acc, root = run.accelerator, run.layout.checkpoints
     sharded = sharding.is_sharded(acc)
     states = gather_object([rng_state()]) if which == "last" else None
@@ -813,6 +875,7 @@ def save(run: Run, which: str) -> None:
                 "rng": states,
                 "world_size": acc.num_processes,
                 "strategy": sharding.strategy(acc),
+                "peft": training_state(acc.unwrap_model(run.model)),
             }
             torch.save(train_state, ckpt.train_state)
         ckpt.metrics.write_text(json.dumps(progress_metrics(run.progress), indent=1), encoding="utf-8")

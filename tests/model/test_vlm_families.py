@@ -371,7 +371,7 @@ def test_the_build_prints_each_scope_with_its_module_count(capsys):
     )
     out = capsys.readouterr().out
     # 2 LM layers x 7 linears, 2 vision blocks x 5, the merger's 2.
-    assert "peft lora r=16 on 26 modules (lm-all 14, vision 10, projector 2):" in out
+    assert "peft lora, r=16 alpha=32 on 26 modules (lm-all 14, vision 10, projector 2):" in out
 
 
 @pytest.mark.parametrize("name", [*(f.tiny_names[0] for f in VLM), "tiny"])
