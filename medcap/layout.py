@@ -10,6 +10,7 @@ below is the whole truth (docs/ARCHITECTURE.md shows it with what each file hold
     RUN/checkpoints/{best,last}/                           CheckpointLayout (one each)
     RUN/predictions/{split}.csv .zip .meta.json            medcap predict
     RUN/eval/{split}/metrics.json per_caption.csv          medcap evaluate
+    RUN/eval/{split}/metrics.json per_image.csv per_concept.csv   medcap evaluate --task concepts
 
     CKPT/config.yaml adapter/ trainable.safetensors base.safetensors base_fingerprint.txt
     CKPT/train_state.pt (last only) data_hash.txt metrics.json
@@ -226,6 +227,16 @@ class EvalLayout:
     def per_caption(self) -> Path:
         """One row per caption pair with every metric."""
         return self.root / "per_caption.csv"
+
+    @property
+    def per_image(self) -> Path:
+        """Concept detection: one row per image (true and predicted CUIs, F1, F1 on the manual CUIs)."""
+        return self.root / "per_image.csv"
+
+    @property
+    def per_concept(self) -> Path:
+        """Concept detection: one row per CUI (support, true/false positives, misses, F1)."""
+        return self.root / "per_concept.csv"
 
 
 def prediction_meta(predictions_csv: str | Path) -> Path:
