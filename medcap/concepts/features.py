@@ -1,8 +1,9 @@
 """Where a concept model's inputs come from: the frozen vision side of a captioning model (BLIP-2:
 the Q-Former's query embeddings), read from the query cache of ``medcap features`` or computed
 from the images (``VisionFeatures``). Both give ``[images, tokens, width]`` float tensors; the
-vision side is that of the model family's query-cache hooks (``family.query_cache``), the same
-tensor the cache stores, so a head trained on one reads the other."""
+vision side is the model family's (``family.vision_inputs`` / ``family.vision_features``, any
+family); where the family has a query cache its features are the tensor the cache stores, so a head
+trained on one reads the other."""
 
 from __future__ import annotations
 
@@ -20,17 +21,6 @@ from medcap.data.manifest import ManifestRow
 
 class ConceptError(ValueError):
     """A concept model cannot be trained or used as asked; the message says why and what to do."""
-
-
-def vision_hooks(family: Any) -> Any:
-    """The family's hooks for its frozen vision side (``family.query_cache``), or a ConceptError."""
-    hooks = getattr(family, "query_cache", None)
-    if hooks is None:
-        raise ConceptError(
-            f"the {family.name} family exposes no frozen vision output medcap can read (no query-cache "
-            "hooks): concept models and the auxiliary concept head need one; use a BLIP-2 model"
-        )
-    return hooks
 
 
 @contextlib.contextmanager
@@ -73,44 +63,79 @@ def build_vision(
 
 
 def vision_fingerprint(model: Any) -> str:
-    """The hash of the frozen vision side's weights (what a query cache records)."""
-    from medcap.train.query_cache import vision_fingerprint as fingerprint
+    """The hash of the frozen vision side's weights. Where the family has a query cache it is the
+    cache's own fingerprint (a head trained from the cache is checked against the model that
+    predicts); elsewhere the same kind of hash over the family's vision, Q-Former and projection
+    parameters."""
+    import hashlib
 
-    return fingerprint(model)
+    import torch
+
+    from medcap.model.adapters import unwrap
+    from medcap.model.families import family_of
+
+    family = family_of(model)
+    if family.query_cache is not None:
+        from medcap.train.query_cache import vision_fingerprint as fingerprint
+
+        return fingerprint(model)
+    prefixes = tuple(p for part in ("vision", "qformer", "projection") for p in family.parts.get(part, ()))
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in unwrap(model).named_parameters():
+            if not name.startswith(prefixes):
+                continue
+            flat = p.detach().reshape(-1).float()
+            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+            h.update(flat[:64].cpu().numpy().tobytes())
+            h.update(flat[-64:].cpu().numpy().tobytes())
+            h.update(f"{flat.double().sum().item():.10e}".encode())
+    return h.hexdigest()[:20]
 
 
-class ImagePixels:
-    """Manifest rows -> processed pixel values (decoded in DataLoader workers), as ``medcap features``."""
+def read_row_image(row: ManifestRow, min_size: int | None) -> Any:
+    """A manifest row's image through the one image reader, or a ConceptError naming it."""
+    from medcap.data.images import read_image
 
-    def __init__(self, rows: Sequence[ManifestRow], image_processor: Any, min_size: int | None):
-        self.rows, self.image_processor, self.min_size = list(rows), image_processor, min_size
+    try:
+        return read_image(row.image, min_size=min_size)
+    except (OSError, ValueError) as e:
+        raise ConceptError(
+            f"image {row.image} (id {row.id}) cannot be read: {e}; run 'medcap data prepare' again"
+        ) from e
+
+
+class RowImages:
+    """Manifest rows -> decoded images, and batches of them -> the family's vision inputs (both in
+    DataLoader workers, as ``medcap features`` decodes)."""
+
+    def __init__(self, rows: Sequence[ManifestRow], family: Any, processor: Any):
+        self.rows, self.family, self.processor = list(rows), family, processor
+        self.min_size = family.image_side(processor)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int) -> Any:
-        from medcap.data.images import read_image
+        return read_row_image(self.rows[i], self.min_size)
 
-        row = self.rows[i]
-        try:
-            image = read_image(row.image, min_size=self.min_size)
-        except (OSError, ValueError) as e:
-            raise ConceptError(
-                f"image {row.image} (id {row.id}) cannot be read: {e}; run 'medcap data prepare' again"
-            ) from e
-        return self.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
+    def collate(self, images: list[Any]) -> dict[str, Any]:
+        return self.family.vision_inputs(self.processor, images)
 
 
-def image_features(model: Any, pixel_values: Any) -> Any:
-    """The frozen vision side's output for a batch of pixel values (no gradient)."""
-    import torch
-
+def image_features(model: Any, inputs: dict[str, Any]) -> Any:
+    """The frozen vision side's output ``[images, tokens, width]`` (float32, no gradient) for the
+    family's vision inputs."""
     from medcap.model.families import family_of
 
-    hooks = vision_hooks(family_of(model))
-    dtype, device = family_of(model).pixel_dtype_device(model)
-    with torch.no_grad():
-        return hooks.image_features(model, pixel_values.to(device=device, dtype=dtype)).float()
+    return family_of(model).vision_features(model, inputs)
+
+
+def images_features(model: Any, processor: Any, images: Sequence[Any]) -> Any:
+    """The frozen vision side's output for PIL images."""
+    from medcap.model.families import family_of
+
+    return image_features(model, family_of(model).vision_inputs(processor, list(images)))
 
 
 class VisionFeatures:
@@ -120,8 +145,7 @@ class VisionFeatures:
         from medcap.model.families import family_of
 
         self.model, self.processor, self.rows = model, processor, list(rows)
-        side = family_of(model).image_side(processor)
-        self.dataset = ImagePixels(self.rows, processor.image_processor, side)
+        self.dataset = RowImages(self.rows, family_of(model), processor)
         self.num_workers = num_workers
         self._loader: Any = None
 
@@ -139,13 +163,14 @@ class VisionFeatures:
             self._loader = DataLoader(
                 self.dataset,
                 batch_sampler=PassBatches(),
+                collate_fn=self.dataset.collate,
                 num_workers=self.num_workers,
                 persistent_workers=self.num_workers > 0,
                 generator=torch.Generator().manual_seed(0),
             )
         self._loader.batch_sampler.batches = indices
-        for pixels in self._loader:
-            yield image_features(self.model, pixels)
+        for inputs in self._loader:
+            yield image_features(self.model, inputs)
 
 
 class CachedFeatures:
@@ -201,10 +226,11 @@ class CachedFeatures:
 __all__ = [
     "CachedFeatures",
     "ConceptError",
-    "ImagePixels",
+    "RowImages",
     "VisionFeatures",
     "build_vision",
     "image_features",
+    "images_features",
+    "read_row_image",
     "vision_fingerprint",
-    "vision_hooks",
 ]

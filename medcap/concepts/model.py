@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from medcap.concepts.features import ConceptError, build_vision, image_features, vision_fingerprint
+from medcap.concepts.features import ConceptError, build_vision, images_features, vision_fingerprint
 from medcap.concepts.thresholds import decide
 from medcap.concepts.vocab import ConceptVocab
 from medcap.config.concepts import ConceptRunConfig, read_concepts_config
@@ -132,11 +132,8 @@ class ConceptPredictor:
         """The concepts of PIL images (read with the one image reader, as training read them)."""
         if not images:
             return []
-        pixels = self.processor.image_processor(
-            images=[im if getattr(im, "mode", "RGB") == "RGB" else im.convert("RGB") for im in images],
-            return_tensors="pt",
-        )["pixel_values"]
-        return self.concepts.decide(self.concepts.probabilities(image_features(self.vision, pixels)))
+        feats = images_features(self.vision, self.processor, images)
+        return self.concepts.decide(self.concepts.probabilities(feats))
 
 
 def load_concept_predictor(

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medcap.concepts.features import CachedFeatures, ConceptError, ImagePixels, image_features
+from medcap.concepts.features import CachedFeatures, ConceptError, images_features, read_row_image
 from medcap.concepts.model import ImageConcepts, load_concept_model, load_concept_predictor
 from medcap.data.manifest import read_manifest
 from medcap.layout import prediction_meta
@@ -86,26 +86,20 @@ def predict_concepts(
         model = predictor.concepts
         from medcap.model.families import family_of
 
-        pixels = ImagePixels(
-            rows,
-            predictor.processor.image_processor,
-            family_of(predictor.vision).image_side(predictor.processor),
-        )
-        import torch
-
+        side = family_of(predictor.vision).image_side(predictor.processor)
         for idx in batches:
-            good, values = [], []
+            good, images = [], []
             for i in idx:
                 try:
-                    values.append(pixels[i])
+                    images.append(read_row_image(rows[i], side))
                     good.append(i)
                 except ConceptError as e:
                     failed.append(rows[i].id)
                     results[rows[i].id] = ImageConcepts([], [], None)
                     bar.write(f"warning: {e}", file=sys.stderr)
             if good:
-                probs = model.probabilities(image_features(predictor.vision, torch.stack(values)))
-                for i, found in zip(good, model.decide(probs), strict=True):
+                feats = images_features(predictor.vision, predictor.processor, images)
+                for i, found in zip(good, model.decide(model.probabilities(feats)), strict=True):
                     results[rows[i].id] = found
             bar.update(len(idx))
         source = "vision tower"
