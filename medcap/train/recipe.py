@@ -239,16 +239,18 @@ def setup(cfg: RunConfig) -> Run:
     collator = family.collator(processor, cfg.model, tc.max_caption_tokens, pad_multiple)
     # The model's input side: JPEGs decode in draft mode to no less than it (medcap.data.images).
     image_side = family.image_side(processor)
+    # data.prompt_with: each image's modality or concepts in its prompt, from the ground truth.
+    train_prompts, valid_prompts = row_prompts(cfg, train_rows), row_prompts(cfg, valid_rows)
     query_cache = None
     if tc.query_cache is not None:
         from medcap.train import query_cache
 
-        train_ds = query_cache.CachedQueryDataset(tc.query_cache, train_rows, collator)
-        valid_ds = query_cache.CachedQueryDataset(tc.query_cache, valid_rows, collator)
+        train_ds = query_cache.CachedQueryDataset(tc.query_cache, train_rows, collator, train_prompts)
+        valid_ds = query_cache.CachedQueryDataset(tc.query_cache, valid_rows, collator, valid_prompts)
         collate = train_ds.collate
     else:
-        train_ds = CaptionDataset(train_rows, min_size=image_side)
-        valid_ds = CaptionDataset(valid_rows, min_size=image_side)
+        train_ds = CaptionDataset(train_rows, min_size=image_side, prompts=train_prompts)
+        valid_ds = CaptionDataset(valid_rows, min_size=image_side, prompts=valid_prompts)
         collate = collator
     tokenizer = getattr(processor, "tokenizer", processor)
     train_len = [
@@ -600,6 +602,16 @@ def validation_loss(run: Run) -> float:
     return float(total[0] / total[1]) if total[1] > 0 else float("nan")
 
 
+def row_prompts(cfg: RunConfig, rows: list[ManifestRow]) -> list[str] | None:
+    """Per-row prompts of ``data.prompt_with`` from the ground truth, or None (every row: model.prompt)."""
+    if cfg.data.prompt_with == "none":
+        return None
+    from medcap.concepts.prompts import names_for, truth_prompts
+
+    names = names_for(cfg.data) if cfg.data.prompt_with == "concepts" else {}
+    return truth_prompts(rows, cfg.data.prompt_with, cfg.model.prompt, names, cfg.data.prompt_concepts)
+
+
 def sample_captions(run: Run) -> list[dict[str, str]]:
     """Captions of the first ``train.num_sample_captions`` validation images (main process)."""
     import torch
@@ -612,8 +624,9 @@ def sample_captions(run: Run) -> list[dict[str, str]]:
     net = run.accelerator.unwrap_model(run.model)
     net.eval()
     images = [read_image(r.image, min_size=run.image_side) for r in rows]
+    prompt = row_prompts(run.cfg, rows) or run.cfg.model.prompt
     with torch.no_grad(), run.accelerator.autocast():
-        preds = caption_images(net, run.processor, images, run.cfg.generate, run.cfg.model.prompt)
+        preds = caption_images(net, run.processor, images, run.cfg.generate, prompt)
     net.train()
     return [{"id": r.id, "reference": r.caption, "prediction": p} for r, p in zip(rows, preds, strict=True)]
 

@@ -228,6 +228,7 @@ class VlmFamily:
             pad_to_multiple_of,
             decoder_only=self.decoder_only,
             check_images=lambda images: self.check_images(processor, images),
+            layout_for=lambda prompt: self.layout(processor, prompt),
         )
 
     def generation_inputs(self, processor: Any, images: Sequence[Image.Image], prompt: str) -> dict[str, Any]:
