@@ -87,6 +87,8 @@ class Run:
     log: RunLog
     resumed: bool
     loaders: dict[int, Any] = field(default_factory=dict)
+    aux: Any = None
+    """The auxiliary concept head (``train.concept_loss_weight``), or None."""
     step_times: list[float] = field(default_factory=list)
     t_start: float = field(default_factory=time.perf_counter)
 
@@ -252,6 +254,23 @@ def setup(cfg: RunConfig) -> Run:
         train_ds = CaptionDataset(train_rows, min_size=image_side, prompts=train_prompts)
         valid_ds = CaptionDataset(valid_rows, min_size=image_side, prompts=valid_prompts)
         collate = collator
+    aux = None
+    if tc.concept_loss_weight > 0:
+        from medcap.concepts.auxiliary import AuxiliaryConcepts
+
+        if accelerator.num_processes > 1:
+            raise TrainingError(
+                "train.concept_loss_weight: the auxiliary concept head trains in one process only"
+            )
+        aux = AuxiliaryConcepts(
+            model, train_rows, tc.concept_loss_weight, tc.concept_min_freq, accelerator.device
+        )
+        if last is not None:
+            aux.load(last.root)
+        train_ds, valid_ds = aux.wrap(train_ds, train_rows), aux.wrap(valid_ds, valid_rows)
+        collate = aux.collate(collate)
+        if main:
+            print(aux.audit.describe(f"auxiliary concept head ({len(aux.vocab)} CUIs)"), flush=True)
     tokenizer = getattr(processor, "tokenizer", processor)
     train_len = [
         len(x) for x in tokenizer([r.caption for r in train_rows], add_special_tokens=False)["input_ids"]
@@ -271,6 +290,8 @@ def setup(cfg: RunConfig) -> Run:
 
     # --- optimizer -------------------------------------------------------------------------
     trainable = [p for p in model.parameters() if p.requires_grad]
+    if aux is not None:
+        trainable += aux.parameters()
     if not trainable:
         raise TrainingError(
             "the model has no trainable parameters: check model.peft / model.train_* settings"
@@ -323,6 +344,7 @@ def setup(cfg: RunConfig) -> Run:
             tc.tracker_project,
         ),
         resumed=last is not None,
+        aux=aux,
     )
     if last is not None:
         run.say(
@@ -492,15 +514,24 @@ def train_step(run: Run, micro: list[dict[str, Any]]) -> StepResult:
     world = acc.num_processes
     local_tokens = sum(label_token_count(b["labels"], run.decoder_only) for b in micro)
     n_tokens = acc.reduce(local_tokens.to(run.device).clone(), "sum").clamp(min=1)
+    n_images = sum(len(b["labels"]) for b in micro)
     loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
+    aux_sum = 0.0
     for i, batch in enumerate(micro):
         sync = contextlib.nullcontext() if i == len(micro) - 1 else acc.no_sync(run.model)
         with sync:
             s = batch_loss(run.model, batch, run.decoder_only, run.query_cache)
             # DDP averages gradients over processes: scale by world so the result is the
             # gradient of (sum of all token losses) / (all label tokens of the step).
-            acc.backward(s * world / n_tokens)
+            total = s * world / n_tokens
+            if run.aux is not None:  # the auxiliary concept loss: mean over the step's images
+                a = run.aux.loss_sum(batch)
+                total = total + run.aux.weight * a / n_images
+                aux_sum += float(a.detach())
+            acc.backward(total)
         loss_sum += s.detach().double()
+    if run.aux is not None:
+        run.aux.last_losses.append(aux_sum / n_images)
     step_loss = float(acc.reduce(loss_sum, "sum") / n_tokens)
     grad_norm = acc.clip_grad_norm_(run.trainable, tc.max_grad_norm or float("inf"))
     grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
@@ -704,6 +735,8 @@ def save(run: Run, which: str) -> None:
             save_trainable(acc.unwrap_model(run.model), folder)
             save_config(run.cfg, ckpt.config)
             ckpt.data_hash.write_text(format_hashes(run.hashes), encoding="utf-8")
+            if run.aux is not None:
+                run.aux.save(folder)
             if train_state is not None:
                 torch.save(train_state, ckpt.train_state)
             ckpt.metrics.write_text(json.dumps(progress_metrics(run.progress), indent=1), encoding="utf-8")
@@ -731,6 +764,10 @@ def finish(run: Run) -> dict[str, Any]:
         wall_s=time.perf_counter() - run.t_start,
         run_dir=str(run.layout.root),
     )
+    if run.aux is not None and run.aux.last_losses:
+        tail = run.aux.last_losses[-20:]
+        result["concept_loss_last"] = sum(tail) / len(tail)
+        result["concept_vocabulary"] = len(run.aux.vocab)
     if run.main:
         run.layout.result.write_text(json.dumps(result, indent=1), encoding="utf-8")
     ckpts = run.layout.checkpoints
