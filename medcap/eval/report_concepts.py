@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from medcap.layout import EvalLayout, PreparedLayout, RunLayout
+from medcap.layout import ConceptCheckpointLayout, EvalLayout, PreparedLayout, RunLayout
 
 #: Support bands (images of the split that have the concept), most frequent first.
 BANDS: tuple[tuple[str, int, int | None], ...] = (
@@ -53,7 +53,7 @@ def _names(run: Path, prepared: Path | None) -> dict[str, str]:
         if table is not None:
             names.update(read_name_table(table))
     for which in ("best", "last"):
-        vocab = RunLayout(run).checkpoints / which / "vocab.json"
+        vocab = ConceptCheckpointLayout(RunLayout(run).checkpoints / which).vocab
         if vocab.is_file():
             names.update(ConceptVocab.load(vocab).names)
             break
