@@ -153,7 +153,7 @@ class PromptCaptionCollator:
         return out
 
     def _decoder_only(self, enc: Any, captions: list[list[int]]) -> dict[str, torch.Tensor]:
-        import torch
+        import torch  # here, not at module level: settings load without torch
 
         pad = self.tokenizer.pad_token_id
         lengths = enc["attention_mask"].sum(dim=1).tolist()
@@ -179,7 +179,7 @@ class PromptCaptionCollator:
         return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, **fields}
 
     def _encoder_decoder(self, captions: list[list[int]]) -> dict[str, torch.Tensor]:
-        import torch
+        import torch  # here, not at module level: settings load without torch
 
         # The labels are the caption and its EOS; the model shifts them right itself to make the
         # decoder inputs (-100 becomes the decoder start token).
