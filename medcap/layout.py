@@ -11,9 +11,14 @@ below is the whole truth (docs/ARCHITECTURE.md shows it with what each file hold
     RUN/checkpoints/{best,last}/                           CheckpointLayout (one each)
     RUN/predictions/{split}.csv .zip .meta.json            medcap predict
     RUN/eval/{split}/metrics.json per_caption.csv          medcap evaluate
+    RUN/eval/{split}/metrics.json per_image.csv per_concept.csv   medcap evaluate --task concepts
 
     CKPT/config.yaml adapter/ adapter_init/ trainable.safetensors base.safetensors base_fingerprint.txt
     CKPT/train_state.pt sharded/ (last only) data_hash.txt metrics.json
+    CKPT/concept_head.safetensors concept_vocab.json       the auxiliary concept head (train.concept_loss_weight)
+
+    CRUN/ (medcap concepts train): RunLayout's files; CRUN/checkpoints/{best,last}/:  ConceptCheckpointLayout
+    config.yaml head.safetensors vocab.json thresholds.json train_state.pt data_hash.txt metrics.json
 
     STUDY/space.yaml study.db trials/NNNN/ trials.csv best.yaml report.html   StudyLayout (medcap tune)
 """
@@ -151,6 +156,78 @@ class CheckpointLayout:
 
 
 @dataclass(frozen=True)
+class ConceptCheckpointLayout:
+    """One checkpoint of a concept-detection run (``CRUN/checkpoints/best`` or ``last``), and the
+    auxiliary concept head a caption checkpoint carries (``concept_head.safetensors``,
+    ``concept_vocab.json``)."""
+
+    root: Path
+
+    def __init__(self, root: str | Path) -> None:
+        object.__setattr__(self, "root", Path(root))
+
+    @property
+    def config(self) -> Path:
+        return self.root / CONFIG_FILE
+
+    @property
+    def head(self) -> Path:
+        """The classifier's weights."""
+        return self.root / "head.safetensors"
+
+    @property
+    def vocab(self) -> Path:
+        """The CUIs the head predicts, their training counts and names."""
+        return self.root / "vocab.json"
+
+    @property
+    def thresholds(self) -> Path:
+        """The decision threshold of every CUI, tuned on the validation split."""
+        return self.root / "thresholds.json"
+
+    @property
+    def train_state(self) -> Path:
+        """Optimizer, scheduler, RNG, data position (``last`` only)."""
+        return self.root / "train_state.pt"
+
+    @property
+    def data_hash(self) -> Path:
+        return self.root / "data_hash.txt"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.json"
+
+    @property
+    def auxiliary_head(self) -> Path:
+        """In a caption checkpoint: the auxiliary concept head (``train.concept_loss_weight``)."""
+        return self.root / "concept_head.safetensors"
+
+    @property
+    def auxiliary_vocab(self) -> Path:
+        """In a caption checkpoint: the auxiliary head's vocabulary."""
+        return self.root / "concept_vocab.json"
+
+    def is_checkpoint(self) -> bool:
+        return self.config.is_file() and self.head.is_file() and self.vocab.is_file()
+
+
+def resolve_concept_checkpoint(path: str | Path) -> Path:
+    """A concept checkpoint folder, or a concept run folder's ``checkpoints/best`` (else ``last``)."""
+    path = Path(path)
+    if ConceptCheckpointLayout(path).is_checkpoint():
+        return path
+    run = RunLayout(path)
+    for name in ("best", "last"):
+        if ConceptCheckpointLayout(run.checkpoints / name).is_checkpoint():
+            return run.checkpoints / name
+    raise FileNotFoundError(
+        f"{path} is neither a concept checkpoint (config.yaml, head.safetensors, vocab.json) nor a concept "
+        "run folder (with checkpoints/best or last); train one with 'medcap concepts train'"
+    )
+
+
+@dataclass(frozen=True)
 class RunLayout:
     """A training run folder (``train.out_dir``)."""
 
@@ -254,6 +331,16 @@ class EvalLayout:
         """One row per caption pair with every metric."""
         return self.root / "per_caption.csv"
 
+    @property
+    def per_image(self) -> Path:
+        """Concept detection: one row per image (true and predicted CUIs, F1, F1 on the manual CUIs)."""
+        return self.root / "per_image.csv"
+
+    @property
+    def per_concept(self) -> Path:
+        """Concept detection: one row per CUI (support, true/false positives, misses, F1)."""
+        return self.root / "per_concept.csv"
+
 
 @dataclass(frozen=True)
 class StudyLayout:
@@ -341,6 +428,7 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
 __all__ = [
     "CONFIG_FILE",
     "CheckpointLayout",
+    "ConceptCheckpointLayout",
     "EvalLayout",
     "PreparedLayout",
     "RunLayout",
@@ -349,5 +437,6 @@ __all__ = [
     "eval_dir_for",
     "prediction_meta",
     "resolve_checkpoint",
+    "resolve_concept_checkpoint",
     "run_of_checkpoint",
 ]

@@ -37,6 +37,14 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
         "medcap.cli.train:cmd_features",
         "precompute frozen query embeddings for faster LoRA training",
     ),
+    ("concepts", "train"): (
+        "medcap.cli.concepts:cmd_concepts_train",
+        "train a concept (CUI) classifier on a model's frozen vision side",
+    ),
+    ("concepts", "predict"): (
+        "medcap.cli.concepts:cmd_concepts_predict",
+        "predict a prepared split's concepts and write the concept-detection submission",
+    ),
     ("caption",): ("medcap.cli.infer:cmd_caption", "caption image files or folders (JPEG, PNG, TIFF, DICOM)"),
     ("predict",): ("medcap.cli.infer:cmd_predict", "caption a prepared split and write a submission file"),
     ("export",): (

@@ -28,8 +28,22 @@ def cmd_evaluate(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(
         prog="medcap evaluate", description="score predictions with the ImageCLEFmedical protocol"
     )
-    ap.add_argument("--predictions", required=True, help="submission CSV (ID,Caption)")
-    ap.add_argument("--references", required=True, help="captions CSV (ID,Caption) or prepared manifest.csv")
+    ap.add_argument(
+        "--task",
+        choices=["captions", "concepts"],
+        default="captions",
+        help="captions (caption prediction) or concepts (concept detection, scored as the 2025 evaluator)",
+    )
+    ap.add_argument("--predictions", required=True, help="submission CSV (ID,Caption or ID,CUIs)")
+    ap.add_argument(
+        "--references",
+        required=True,
+        help="captions CSV (ID,Caption), concepts CSV (ID,CUIs) or prepared manifest.csv",
+    )
+    ap.add_argument(
+        "--manual-references",
+        help="concepts: the *_concepts_manual.csv of the secondary score (default: found next to --references)",
+    )
     ap.add_argument("--protocol", choices=sorted(PROTOCOLS), default="imageclef2024")
     ap.add_argument(
         "--bertscore-model", help="BERTScore model: hub id or local folder (default deberta-xlarge-mnli)"
@@ -48,6 +62,10 @@ def cmd_evaluate(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     pred = Path(args.predictions)
     out = Path(args.out) if args.out else eval_dir_for(pred)  # RUN/predictions/test.csv -> RUN/eval/test
+    if args.task == "concepts":
+        from medcap.cli.concepts import evaluate_concepts_cli
+
+        return evaluate_concepts_cli(args, out)
     try:
         summary = evaluate(
             pred,
@@ -128,7 +146,20 @@ def cmd_check_submission(argv: list[str]) -> int:
         "missing and order checks",
     )
     p.add_argument("--ignore-order", action="store_true", help="do not require the ground-truth order")
+    p.add_argument(
+        "--task",
+        choices=["captions", "concepts"],
+        default="captions",
+        help="captions (ID,Caption) or concepts (ID,CUIs: checked as the 2025 concept evaluator reads it)",
+    )
+    p.add_argument(
+        "--strict", action="store_true", help="concepts: malformed or empty CUIs are errors, not warnings"
+    )
     args = p.parse_args(argv)
+    if args.task == "concepts":
+        from medcap.cli.concepts import check_concepts_cli
+
+        return check_concepts_cli(args)
     try:
         check = inspect_submission(args.file, args.references, check_order=not args.ignore_order)
     except (FileNotFoundError, UnicodeDecodeError, csv.Error) as e:

@@ -22,6 +22,12 @@ def _add_model_args(p: argparse.ArgumentParser, checkpoint_help: str) -> None:
     g.add_argument(
         "--prompt", default=None, help="text the captions follow (default: the checkpoint's, else none)"
     )
+    g.add_argument(
+        "--concepts",
+        type=Path,
+        help="concept model ('medcap concepts train' run) for a checkpoint trained with data.prompt_with: "
+        "each image's predicted modality or concepts go into its prompt",
+    )
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     g.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None, help="weights of --model")
 
@@ -83,6 +89,7 @@ def _load_or_exit(prog: str, args: argparse.Namespace) -> Captioner | None:
             device=args.device,
             precision=args.precision,
             prompt=args.prompt,
+            concepts=args.concepts,
         )
     except (FileNotFoundError, ValueError, OSError) as e:
         from medcap.model.hub import HubUnreachableError

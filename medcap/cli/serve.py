@@ -33,6 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument(
+        "--concepts",
+        help="concept model ('medcap concepts train' run) for a checkpoint trained with data.prompt_with: "
+        "each image's predicted modality or concepts go into its prompt",
+    )
+    p.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
     )
     p.add_argument("--port", type=int, default=8000)
@@ -134,17 +139,28 @@ def cmd_serve(argv: list[str]) -> int:
     )
     try:
         model, processor, gen, prompt, info = load_for_serving(
-            model=args.model, checkpoint=args.checkpoint, adapter=args.adapter, device=args.device
+            model=args.model,
+            checkpoint=args.checkpoint,
+            adapter=args.adapter,
+            device=args.device,
+            concepts=args.concepts,
         )
     except (FileNotFoundError, ValueError) as e:
         print(f"medcap serve: {e}", file=sys.stderr)
         return 2
+    guide = info.pop("guide", None)
+    caption_fn = None
+    if guide is not None:
+        from medcap.infer.generate import caption_images
+
+        caption_fn = guide.caption_fn(caption_images)
     app = create_app(
         model,
         processor,
         gen_defaults=gen,
         prompt=prompt,
         info=info,
+        caption_fn=caption_fn,
         limits=limits,
         batching=batching,
         token=token,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 
 @dataclass
@@ -24,6 +25,23 @@ class DataConfig:
     """Use only the first N validation/test rows."""
     num_workers: int = 2
     """DataLoader worker processes for decoding images."""
+    prompt_with: Literal["none", "modality", "concepts"] = "none"
+    """What of an image's concepts goes into its caption prompt, before model.prompt: none; modality
+    ("CT image."); concepts (its first prompt_concepts concepts by name: "Concepts: computed
+    tomography, liver, mass."). Training takes them from the ground truth (manifest columns modality
+    and cuis); predict, caption and the service from a concept model (--concepts CRUN)."""
+    prompt_concepts: int = 5
+    """prompt_with concepts: how many concepts the prompt names (the concept model's most probable)."""
+    concept_names: Path | None = None
+    """prompt_with concepts: the name table (CUI,Canonical name; ROCOv2's cui_mapping.csv); default:
+    the cui_mapping.csv of the dataset data.prepared was prepared from; without one, CUIs stand as
+    they are."""
+
+    def __post_init__(self) -> None:
+        if self.prompt_concepts < 1:
+            from medcap.config.loader import ConfigError
+
+            raise ConfigError(f"data.prompt_concepts must be at least 1, got {self.prompt_concepts}")
 
     def manifest(self, split: str) -> Path:
         """The manifest of ``split`` in the prepared folder."""

@@ -109,6 +109,15 @@ class TrainConfig:
     answers memory)."""
     query_cache: Path | None = None
     """Folder of precomputed query embeddings (medcap features): train from them without the vision tower."""
+    concept_loss_weight: float = 0.0
+    """Weight of an auxiliary concept loss (0: none): a multi-label head on the mean of the Q-Former's
+    query embeddings predicts each image's CUIs (class-balanced BCE, manifest column cuis) and is
+    trained with the caption loss, so the queries are pushed to carry the image's concepts. Needs a
+    family with query embeddings (BLIP-2), a trainable Q-Former or vision tower (its gradient has
+    nowhere else to go) and no query cache; one process. Saved with the checkpoint
+    (concept_head.safetensors, concept_vocab.json)."""
+    concept_min_freq: int = 5
+    """concept_loss_weight > 0: CUIs in fewer training images are left out of the auxiliary head."""
     resume: bool = False
     """Continue from out_dir/checkpoints/last when it exists (config and data must match)."""
     progress_bar: bool = True
@@ -167,6 +176,15 @@ class TrainConfig:
             raise ConfigError(f"train.num_sample_captions must be >= 0, got {self.num_sample_captions}")
         if self.min_delta < 0:
             raise ConfigError(f"train.min_delta must be >= 0, got {self.min_delta}")
+        if self.concept_loss_weight < 0 or not math.isfinite(self.concept_loss_weight):
+            raise ConfigError(f"train.concept_loss_weight must be >= 0, got {self.concept_loss_weight}")
+        if self.concept_loss_weight > 0 and self.query_cache is not None:
+            raise ConfigError(
+                "train.concept_loss_weight needs the query embeddings computed in the step (its gradient "
+                "trains the Q-Former); a query cache holds fixed ones: unset train.query_cache"
+            )
+        if self.concept_min_freq < 1:
+            raise ConfigError(f"train.concept_min_freq must be at least 1, got {self.concept_min_freq}")
         unknown = [t for t in self.report_to if t not in REPORT_TO]
         if unknown:
             raise ConfigError(

@@ -566,6 +566,12 @@ def _section_examples(per_caption: dict[str, list[dict[str, str]]], prep: Path |
 # Entry points
 
 
+def section_concepts(run: Path, seed: int) -> str:
+    from medcap.eval.report_concepts import section_concepts as build
+
+    return build(run, seed)
+
+
 def _section(title: str, build: Callable[..., str], *args: Any) -> str:
     """One section, or what went wrong drawing it: a run's files are edited by hand and by other
     versions, and one odd value must not cost the whole report."""
@@ -614,6 +620,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, seed: int =
         _section("Metrics", _section_metrics, evals),
         _section("Training", _section_curves, run),
         _section("Example captions", _section_examples, per_caption, prep, seed),
+        _section("Concepts", section_concepts, run, seed),
         _section("Data", _section_data, prep, per_caption),
         _section("Run settings", _section_config, config, run),
     ]

@@ -89,11 +89,14 @@ def caption_images(
     processor: Any,
     images: Sequence[Any],
     gen: GenerateConfig | None = None,
-    prompt: str = "",
+    prompt: str | Sequence[str] = "",
     family: ModelFamily | None = None,
     synced: bool = False,
 ) -> list[str]:
     """Caption PIL images with ``model``: one caption per image, in order.
+
+    ``prompt`` may be one per image (``data.prompt_with``: the image's modality or concepts in it):
+    images with the same prompt are captioned together, in batches of ``gen.batch_size``.
 
     Images go in batches of ``gen.batch_size``; the prompt (the text the captions were trained to
     follow, ``model.prompt`` of the run) is given to every image and is not part of the returned
@@ -108,6 +111,20 @@ def caption_images(
     if not images:
         return []
     family = family or family_of(model)
+    if not isinstance(prompt, str):
+        prompts = list(prompt)
+        if len(prompts) != len(images):
+            raise ValueError(f"{len(prompts)} prompts for {len(images)} images: give one per image")
+        groups: dict[str, list[int]] = {}
+        for i, p in enumerate(prompts):
+            groups.setdefault(p, []).append(i)
+        out: list[str] = [""] * len(images)
+        for p, idx in groups.items():
+            for i, text in zip(
+                idx, caption_images(model, processor, [images[i] for i in idx], gen, p, family), strict=True
+            ):
+                out[i] = text
+        return out
     captions: list[str] = []
     with _eval_mode(model):
         for output, prompt_len in _generate_batches(model, processor, images, gen, prompt, family, synced):
@@ -193,10 +210,15 @@ class Captioner:
     """The training run folder that holds the checkpoint (``RUN``), if any."""
     info: dict[str, Any] = field(default_factory=dict)
     """base, adapter, checkpoint: what ``GET /v1/model`` and the prediction metadata show."""
+    guide: Any = None
+    """A ``medcap.concepts.guide.ConceptGuide`` for a model trained with ``data.prompt_with``: each
+    image's predicted modality or concepts go into its prompt."""
 
     def caption(self, images: Sequence[Any], gen: GenerateConfig | None = None) -> list[str]:
-        """``caption_images`` with this model's prompt and decoding defaults."""
-        return caption_images(self.model, self.processor, images, gen or self.gen, self.prompt, self.family)
+        """``caption_images`` with this model's prompt (guided per image where it has a guide) and
+        decoding defaults."""
+        prompt = self.guide.prompts(images, self.prompt) if self.guide is not None else self.prompt
+        return caption_images(self.model, self.processor, images, gen or self.gen, prompt, self.family)
 
     @property
     def image_side(self) -> int | None:
@@ -233,9 +255,13 @@ def load_captioner(
     device: str | None = None,
     precision: str | None = None,
     prompt: str | None = None,
+    concepts: str | Path | None = None,
     verbose: bool = False,
 ) -> Captioner:
     """Load a model to caption with: a training checkpoint, or a base model plus optional adapter.
+
+    ``concepts``: a concept model (``medcap concepts train`` run) that puts each image's modality or
+    concepts into its prompt, for a checkpoint trained with ``data.prompt_with`` (which needs one).
 
     * ``checkpoint``: a checkpoint folder or a run folder (best, else last), rebuilt by
       ``load_checkpoint`` with the prompt and decoding settings of its config;
@@ -322,6 +348,12 @@ def load_captioner(
     if not quantized:  # bitsandbytes models are placed at load time and cannot be moved
         cap.model.to(device)
     cap.info["device"] = str(device)
+    from medcap.concepts.guide import guide_for_run
+
+    cap.guide = guide_for_run(concepts, cap.run_cfg, (cap.model, cap.processor), device)
+    if cap.guide is not None:
+        cap.info["concepts"] = str(cap.guide.predictor.concepts.checkpoint)
+        cap.info["prompt_with"] = cap.guide.how
     return cap
 
 

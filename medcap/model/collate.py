@@ -27,6 +27,10 @@ class CaptionCollator:
     or the T5 labels. A caption cut by it loses its EOS (it did not end there); ``truncated`` counts them.
     ``pad_to_multiple_of`` rounds the padded width up (8 on GPUs: fewer distinct shapes for the kernels
     and their per-shape set-up, tensor-core aligned); the extra pads are masked and change no loss.
+
+    An item may carry its own prompt, ``(image, caption, prompt)`` (``data.prompt_with``): the prompts
+    are then encoded together, right-padded, and each caption follows its own prompt; the caption cap
+    stays what it is for ``model.prompt`` (a longer prompt never cuts a caption shorter).
     """
 
     def __init__(
@@ -91,8 +95,16 @@ class CaptionCollator:
         m = self.pad_to_multiple_of
         return -(-width // m) * m
 
-    def _prompt_encoding(self, images: list[Image.Image]):
-        return self.processor(images=images, text=[self.cfg.prompt] * len(images), return_tensors="pt")
+    def _prompt_encoding(self, images: list[Image.Image], prompts: list[str] | None = None):
+        if prompts is None:
+            return self.processor(images=images, text=[self.cfg.prompt] * len(images), return_tensors="pt")
+        tok = self.tokenizer
+        old_side = tok.padding_side
+        tok.padding_side = "right"
+        try:
+            return self.processor(images=images, text=prompts, return_tensors="pt", padding=True)
+        finally:
+            tok.padding_side = old_side
 
     def _caption_ids(self, caption: str) -> list[int]:
         if not isinstance(caption, str):
@@ -104,15 +116,18 @@ class CaptionCollator:
     def __call__(self, batch: list[tuple[Image.Image, str]]) -> dict[str, torch.Tensor]:
         if not batch:
             raise ValueError("CaptionCollator got an empty batch")
-        images = [img for img, _ in batch]
-        captions = [cap for _, cap in batch]
-        enc = self._prompt_encoding(images)
+        images = [item[0] for item in batch]
+        captions = [item[1] for item in batch]
+        own = [item[2] if len(item) > 2 else self.cfg.prompt for item in batch]
+        prompts = None if all(p == self.cfg.prompt for p in own) else own
+        enc = self._prompt_encoding(images, prompts)
         pad = self.tokenizer.pad_token_id
         if self.decoder_only:
             prompt = enc["input_ids"]
-            if prompt.shape[1] != len(self.prompt_ids):
+            if prompts is None and prompt.shape[1] != len(self.prompt_ids):
                 raise RuntimeError("the processor produced prompts of different lengths for one prompt text")
-            room = self.max_length - prompt.shape[1]
+            lengths = enc["attention_mask"].sum(dim=1).tolist() if prompts else [prompt.shape[1]] * len(batch)
+            room = self.max_length - len(self.prompt_ids)
             rows, label_rows = [], []
             for i, cap in enumerate(captions):
                 ids = self._caption_ids(cap)
@@ -121,9 +136,9 @@ class CaptionCollator:
                     self.truncated += 1
                 else:
                     ids = ids + [self.eos_id]
-                rows.append(prompt[i].tolist() + ids)
+                rows.append(prompt[i, : lengths[i]].tolist() + ids)
                 # Image tokens and prompt are inputs, not targets: mask them.
-                label_rows.append([-100] * prompt.shape[1] + ids)
+                label_rows.append([-100] * lengths[i] + ids)
             width = self._padded_width(max(len(r) for r in rows))
             input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
             labels = torch.full((len(rows), width), -100, dtype=torch.long)

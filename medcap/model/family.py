@@ -18,7 +18,10 @@ The protocol, by what it answers:
   image tokens never cut, captions are), ``generation_inputs()``, ``decode()`` (prompt stripped),
   ``stop_token_ids()``, ``image_side()``, ``check_images()``, ``pixel_dtype_device()``;
 * **planning, export, query cache**: ``plan_spec()``, ``export_classes``, ``base_licenses``,
-  ``query_cache`` (None where the family cannot train from cached image features).
+  ``query_cache`` (None where the family cannot train from cached image features);
+* **the frozen vision side as features** (concept models, the auxiliary concept head):
+  ``vision_inputs()`` (CPU work, runs in data-loader workers) and ``vision_features()``
+  (``[images, tokens, width]``; BLIP-2: the Q-Former output the query cache stores).
 
 docs/ARCHITECTURE.md has the checklist for adding a family.
 """
@@ -150,6 +153,17 @@ class ModelFamily(Protocol):
 
     def plan_spec(self, model: Any) -> Any:
         """What ``medcap plan`` needs: dimensions, activation and FLOP formulas (``medcap.plan``)."""
+        ...
+
+    def vision_inputs(self, processor: Any, images: Sequence[Image.Image]) -> dict[str, Any]:
+        """What ``vision_features`` needs for these images (tensors; CPU only, so it can run in
+        data-loader workers)."""
+        ...
+
+    def vision_features(self, model: Any, inputs: dict[str, Any]) -> Any:
+        """The frozen vision side's output for ``vision_inputs``: a float32 ``[images, tokens, width]``
+        tensor, computed without gradient, the same for an image whatever its batch. Concept models
+        read it; where the family has a query cache it is the tensor the cache stores."""
         ...
 
 

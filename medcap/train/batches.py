@@ -15,11 +15,14 @@ from medcap.train.errors import TrainingError
 
 
 class CaptionDataset:
-    """Manifest rows -> ``(RGB PIL image, caption)`` for ``CaptionCollator``; decoding runs in the
-    loader workers."""
+    """Manifest rows -> ``(RGB PIL image, caption)`` for ``CaptionCollator``, or ``(image, caption,
+    prompt)`` with per-row ``prompts`` (``data.prompt_with``); decoding runs in the loader workers."""
 
-    def __init__(self, rows: Sequence[ManifestRow], min_size: int | None = None):
+    def __init__(
+        self, rows: Sequence[ManifestRow], min_size: int | None = None, prompts: Sequence[str] | None = None
+    ):
         self.rows = list(rows)
+        self.prompts = list(prompts) if prompts is not None else None
         # JPEGs are decoded at a reduced scale (Pillow draft mode) but never below the model's
         # input size: the processor resizes to that anyway, and decoding is the loader's main cost.
         self.min_size = min_size
@@ -27,7 +30,7 @@ class CaptionDataset:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i: int) -> tuple[Any, str]:
+    def __getitem__(self, i: int) -> tuple[Any, ...]:
         row = self.rows[i]
         try:
             image = read_image(row.image, min_size=self.min_size)
@@ -36,7 +39,7 @@ class CaptionDataset:
                 f"image {row.image} (id {row.id}) cannot be read: {e}. The manifest is out of date: "
                 "run 'medcap data prepare' again"
             ) from e
-        return image, row.caption
+        return (image, row.caption) if self.prompts is None else (image, row.caption, self.prompts[i])
 
 
 class PassBatches:

@@ -39,7 +39,7 @@ def batch_loss(model: Any, batch: dict[str, Any], decoder_only: bool, features: 
     if features is not None:
         out = features.forward_from_cache(model, batch)
     else:
-        inputs = {k: v for k, v in batch.items() if k not in ("labels", "ids", "captions")}
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "ids", "captions", "concept_targets")}
         if not decoder_only:
             inputs["labels"] = labels  # T5 builds its decoder inputs from the labels
         out = model(**inputs)

@@ -373,9 +373,12 @@ class CachedQueryDataset:
     ``query_embeds`` instead of ``pixel_values``. Index ``i`` is ``rows[i]``, as for the image dataset.
     """
 
-    def __init__(self, cache_dir: str | Path, rows: list[Any], collator: Any):
+    def __init__(
+        self, cache_dir: str | Path, rows: list[Any], collator: Any, prompts: list[str] | None = None
+    ):
         from PIL import Image
 
+        self.prompts = list(prompts) if prompts is not None else None
         self.cache_dir = Path(cache_dir)
         model_cfg = getattr(collator, "cfg", None)
         if model_cfg is not None:
@@ -421,14 +424,16 @@ class CachedQueryDataset:
         import torch
 
         split, k = self._where[i]
-        return torch.from_numpy(np.array(self._map(split)[k])), self.rows[i].caption
+        query = torch.from_numpy(np.array(self._map(split)[k]))
+        caption = self.rows[i].caption
+        return (query, caption) if self.prompts is None else (query, caption, self.prompts[i])
 
-    def collate(self, batch: list[tuple[Any, str]]) -> dict[str, Any]:
+    def collate(self, batch: list[tuple[Any, ...]]) -> dict[str, Any]:
         import torch
 
-        text = self.collator([(self._blank, cap) for _, cap in batch])
+        text = self.collator([(self._blank, *rest) for _, *rest in batch])
         text.pop("pixel_values", None)
-        text["query_embeds"] = torch.stack([q for q, _ in batch])
+        text["query_embeds"] = torch.stack([item[0] for item in batch])
         # forward_from_cache checks once that the model's vision side is the one that was cached.
         text["query_cache_weights"] = self.index["key"]["weights"]
         return text

@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from medcap.concepts.prompts import row_prompts
 from medcap.config.loader import diff_configs, save_config
 from medcap.config.run import RunConfig, read_run_config
 from medcap.config.train import RESUME_MAY_DIFFER, RESUME_MAY_DIFFER_SECTIONS
@@ -102,6 +103,8 @@ class Run:
     on_validation: Callable[[int, float | None], bool] | None = None  # see fit()
     stopped_by_caller: bool = False
     loaders: dict[int, Any] = field(default_factory=dict)
+    aux: Any = None
+    """The auxiliary concept head (``train.concept_loss_weight``), or None."""
     step_times: list[float] = field(default_factory=list)
     t_start: float = field(default_factory=time.perf_counter)
 
@@ -277,17 +280,36 @@ def setup(cfg: RunConfig) -> Run:
     collator = family.collator(processor, cfg.model, tc.max_caption_tokens, pad_multiple)
     # The model's input side: JPEGs decode in draft mode to no less than it (medcap.data.images).
     image_side = family.image_side(processor)
+    # data.prompt_with: each image's modality or concepts in its prompt, from the ground truth.
+    train_prompts, valid_prompts = row_prompts(cfg, train_rows), row_prompts(cfg, valid_rows)
     query_cache = None
     if tc.query_cache is not None:
         from medcap.train import query_cache
 
-        train_ds = query_cache.CachedQueryDataset(tc.query_cache, train_rows, collator)
-        valid_ds = query_cache.CachedQueryDataset(tc.query_cache, valid_rows, collator)
+        train_ds = query_cache.CachedQueryDataset(tc.query_cache, train_rows, collator, train_prompts)
+        valid_ds = query_cache.CachedQueryDataset(tc.query_cache, valid_rows, collator, valid_prompts)
         collate = train_ds.collate
     else:
-        train_ds = CaptionDataset(train_rows, min_size=image_side)
-        valid_ds = CaptionDataset(valid_rows, min_size=image_side)
+        train_ds = CaptionDataset(train_rows, min_size=image_side, prompts=train_prompts)
+        valid_ds = CaptionDataset(valid_rows, min_size=image_side, prompts=valid_prompts)
         collate = collator
+    aux = None
+    if tc.concept_loss_weight > 0:
+        from medcap.concepts.auxiliary import AuxiliaryConcepts
+
+        if accelerator.num_processes > 1:
+            raise TrainingError(
+                "train.concept_loss_weight: the auxiliary concept head trains in one process only"
+            )
+        aux = AuxiliaryConcepts(
+            model, train_rows, tc.concept_loss_weight, tc.concept_min_freq, accelerator.device
+        )
+        if last is not None:
+            aux.load(last.root)
+        train_ds, valid_ds = aux.wrap(train_ds, train_rows), aux.wrap(valid_ds, valid_rows)
+        collate = aux.collate(collate)
+        if main:
+            print(aux.audit.describe(f"auxiliary concept head ({len(aux.vocab)} CUIs)"), flush=True)
     tokenizer = getattr(processor, "tokenizer", processor)
     train_len = [
         len(x) for x in tokenizer([r.caption for r in train_rows], add_special_tokens=False)["input_ids"]
@@ -300,6 +322,8 @@ def setup(cfg: RunConfig) -> Run:
 
     # --- optimizer -------------------------------------------------------------------------
     trainable = [p for p in model.parameters() if p.requires_grad]
+    if aux is not None:
+        trainable += aux.parameters()
     if not trainable:
         raise TrainingError(
             "the model has no trainable parameters: check model.peft / model.train_* settings"
@@ -374,6 +398,7 @@ def setup(cfg: RunConfig) -> Run:
         sharded=sharding.params_sharded(accelerator),
         save_base=save_base,
         base_print=base_print,
+        aux=aux,
     )
     if last is not None:
         run.say(
@@ -614,9 +639,11 @@ def train_step(run: Run, micro: list[dict[str, Any]]) -> StepResult:
     world = acc.num_processes
     local_tokens = sum(label_token_count(b["labels"], run.decoder_only) for b in micro)
     n_tokens = acc.reduce(local_tokens.to(run.device).clone(), "sum").clamp(min=1)
+    n_images = sum(len(b["labels"]) for b in micro)
     loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
     # AdaLoRA's orthogonality penalty, once per step (identical on every process, so DDP's mean keeps it).
     penalty = orthogonal_penalty(acc.unwrap_model(run.model))
+    aux_sum = 0.0
     for i, batch in enumerate(micro):
         last = i == len(micro) - 1
         sync = contextlib.nullcontext() if last else acc.no_sync(run.model)
@@ -625,9 +652,17 @@ def train_step(run: Run, micro: list[dict[str, Any]]) -> StepResult:
             # DDP averages gradients over processes: scale by world so the result is the
             # gradient of (sum of all token losses) / (all label tokens of the step).
             scale = sharding.loss_scale(acc, tc.grad_accum)
-            loss = s * (world * scale) / n_tokens
-            acc.backward(loss + penalty * scale if last and penalty is not None else loss)
+            total = s * (world * scale) / n_tokens
+            if run.aux is not None:  # the auxiliary concept loss: mean over the step's images
+                a = run.aux.loss_sum(batch)
+                total = total + run.aux.weight * scale * a / n_images
+                aux_sum += float(a.detach())
+            if last and penalty is not None:
+                total = total + penalty * scale
+            acc.backward(total)
         loss_sum += s.detach().double()
+    if run.aux is not None:
+        run.aux.last_losses.append(aux_sum / n_images)
     step_loss = float(acc.reduce(loss_sum, "sum") / n_tokens)
     measured = acc.clip_grad_norm_(run.trainable, tc.max_grad_norm or float("inf"))
     if hasattr(measured, "full_tensor"):  # FSDP2: a DTensor
@@ -878,6 +913,8 @@ def save(run: Run, which: str) -> None:
                 "peft": training_state(acc.unwrap_model(run.model)),
             }
             torch.save(train_state, ckpt.train_state)
+        if run.aux is not None:
+            run.aux.save(folder)
         ckpt.metrics.write_text(json.dumps(progress_metrics(run.progress), indent=1), encoding="utf-8")
         commit_checkpoint_dir(root, which)
     acc.wait_for_everyone()
@@ -904,6 +941,10 @@ def finish(run: Run) -> dict[str, Any]:
         wall_s=time.perf_counter() - run.t_start,
         run_dir=str(run.layout.root),
     )
+    if run.aux is not None and run.aux.last_losses:
+        tail = run.aux.last_losses[-20:]
+        result["concept_loss_last"] = sum(tail) / len(tail)
+        result["concept_vocabulary"] = len(run.aux.vocab)
     if run.main:
         run.layout.result.write_text(json.dumps(result, indent=1), encoding="utf-8")
     ckpts = run.layout.checkpoints

@@ -169,6 +169,7 @@ def validation_captions(run: Any, rows: list[ManifestRow]) -> list[str]:
     import torch
     from accelerate.utils import gather_object
 
+    from medcap.concepts.prompts import row_prompts
     from medcap.data.images import read_image
     from medcap.infer.generate import caption_images
 
@@ -183,9 +184,11 @@ def validation_captions(run: Any, rows: list[ManifestRow]) -> list[str]:
     if mine:
         net = acc.unwrap_model(run.model)
         images = [read_image(r.image, min_size=run.image_side) for r in mine]
+        # data.prompt_with: each image's modality or concepts in its prompt, as in training.
+        prompt = row_prompts(run.cfg, mine) or run.cfg.model.prompt
         with torch.no_grad(), acc.autocast():
             captions = caption_images(
-                net, run.processor, images, run.cfg.generate, run.cfg.model.prompt, synced=run.sharded
+                net, run.processor, images, run.cfg.generate, prompt, synced=run.sharded
             )
         net.train()
     captions = captions[:real]

@@ -52,8 +52,12 @@ def load_for_serving(
     checkpoint: str | Path | None = None,
     adapter: str | Path | None = None,
     device: str | None = None,
+    concepts: str | Path | None = None,
 ) -> tuple[Any, Any, GenerateConfig, str, dict[str, Any]]:
     """Load what ``medcap serve`` serves: ``(model, processor, gen_defaults, prompt, info)``.
+
+    ``concepts``: the concept model of a checkpoint trained with ``data.prompt_with``; its
+    ``ConceptGuide`` is ``info["guide"]`` (the caller takes it out before showing info).
 
     * ``checkpoint``: a training checkpoint or run folder (base + adapter + trained weights);
     * ``model``: a hub id, ``tiny``, or a folder (a merged export), with an optional PEFT
@@ -67,8 +71,11 @@ def load_for_serving(
     from medcap.infer.generate import load_captioner
 
     if checkpoint is not None:
-        cap = load_captioner(checkpoint=checkpoint, device=device, verbose=True)
-        return cap.model, cap.processor, cap.gen, cap.prompt, {**cap.info, "config": to_dict(cap.run_cfg)}
+        cap = load_captioner(checkpoint=checkpoint, device=device, concepts=concepts, verbose=True)
+        info = {**cap.info, "config": to_dict(cap.run_cfg), "guide": cap.guide}
+        return cap.model, cap.processor, cap.gen, cap.prompt, info
+    if concepts is not None:
+        raise ValueError("--concepts needs --checkpoint: the checkpoint's data.prompt_with says what to use")
     run_cfg, cfg_path = _medcap_config_near(adapter, model if model and Path(model).is_dir() else None)
     prompt = (run_cfg.get("model") or {}).get("prompt", "") or ""
     cap = load_captioner(model=model, adapter=adapter, device=device, prompt=prompt, verbose=True)

@@ -229,6 +229,23 @@ class Blip2Family:
 
         return query_cache
 
+    # --- the frozen vision side as features -------------------------------------------------
+
+    def vision_inputs(self, processor: Any, images: Sequence[Image.Image]) -> dict[str, Any]:
+        images = [im if getattr(im, "mode", "RGB") == "RGB" else im.convert("RGB") for im in images]
+        return {"pixel_values": processor.image_processor(images=images, return_tensors="pt")["pixel_values"]}
+
+    def vision_features(self, model: Any, inputs: dict[str, Any]) -> Any:
+        """The Q-Former output (before ``language_projection``): what the query cache stores."""
+        import torch
+
+        from medcap.model.families.blip2 import query_cache
+
+        dtype, device = self.pixel_dtype_device(model)
+        with torch.no_grad():
+            pixels = inputs["pixel_values"].to(device=device, dtype=dtype)
+            return query_cache.image_features(model, pixels).float()
+
 
 BLIP2_OPT = Blip2Family(
     name="blip2-opt",

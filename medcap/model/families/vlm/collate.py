@@ -50,15 +50,22 @@ class PromptLayout:
         return [[im] for im in images] if self.nested_images else list(images)
 
 
-def encode_prompts(processor: Any, layout: PromptLayout, images: Sequence[Any], padding_side: str) -> Any:
-    """The processor's encoding of ``layout.text`` with each image, padded on ``padding_side``."""
+def encode_prompts(
+    processor: Any,
+    layout: PromptLayout,
+    images: Sequence[Any],
+    padding_side: str,
+    texts: Sequence[str] | None = None,
+) -> Any:
+    """The processor's encoding of ``layout.text`` (or each image's own text of ``texts``) with each
+    image, padded on ``padding_side``."""
     tokenizer = processor.tokenizer
     old = tokenizer.padding_side
     tokenizer.padding_side = padding_side
     try:
         enc = processor(
             images=layout.images_arg(images),
-            text=[layout.text] * len(images),
+            text=list(texts) if texts is not None else [layout.text] * len(images),
             return_tensors="pt",
             padding=True,
             add_special_tokens=layout.add_special_tokens,
@@ -70,6 +77,7 @@ def encode_prompts(processor: Any, layout: PromptLayout, images: Sequence[Any], 
 
 class PromptCaptionCollator:
     """``[(PIL image, caption), ...]`` -> a training batch (a dict of tensors with ``labels``).
+    Items may carry their own prompt, ``(image, caption, prompt)`` (``data.prompt_with``).
 
     ``max_caption_tokens`` caps the caption (the prompt and image tokens are never cut); a caption cut
     by it loses its end tokens (it did not end there) and is counted in ``truncated``.
@@ -87,6 +95,7 @@ class PromptCaptionCollator:
         *,
         decoder_only: bool = True,
         check_images: Callable[[Sequence[Any]], None] | None = None,
+        layout_for: Callable[[str], PromptLayout] | None = None,
     ):
         if max_caption_tokens < 1:
             raise ValueError(f"max_caption_tokens must be at least 1, got {max_caption_tokens}")
@@ -101,6 +110,8 @@ class PromptCaptionCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
         self.decoder_only = decoder_only
         self.check_images = check_images
+        # Items with their own prompt (data.prompt_with): the layout of that prompt gives its text.
+        self.layout_for = layout_for
         self.truncated = 0
 
     def caption_ids(self, caption: str) -> list[int]:
@@ -124,11 +135,16 @@ class PromptCaptionCollator:
     def __call__(self, batch: list[tuple[Any, str]]) -> dict[str, torch.Tensor]:
         if not batch:
             raise ValueError("the collator got an empty batch")
-        images = [im if getattr(im, "mode", "RGB") == "RGB" else im.convert("RGB") for im, _ in batch]
+        images = [im if getattr(im, "mode", "RGB") == "RGB" else im.convert("RGB") for im, *_ in batch]
         if self.check_images is not None:
             self.check_images(images)
-        captions = [self.caption_ids(cap) for _, cap in batch]
-        enc = encode_prompts(self.processor, self.layout, images, "right")
+        captions = [self.caption_ids(item[1]) for item in batch]
+        texts = None
+        if any(len(item) > 2 for item in batch):
+            if self.layout_for is None:
+                raise ValueError("items with their own prompt need a collator made with layout_for")
+            texts = [self.layout_for(item[2]).text if len(item) > 2 else self.layout.text for item in batch]
+        enc = encode_prompts(self.processor, self.layout, images, "right", texts)
         out = {k: v for k, v in enc.items() if k not in self.layout.drop}
         if self.decoder_only:
             out.update(self._decoder_only(enc, captions))

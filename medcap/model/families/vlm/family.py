@@ -228,6 +228,7 @@ class VlmFamily:
             pad_to_multiple_of,
             decoder_only=self.decoder_only,
             check_images=lambda images: self.check_images(processor, images),
+            layout_for=lambda prompt: self.layout(processor, prompt),
         )
 
     def generation_inputs(self, processor: Any, images: Sequence[Image.Image], prompt: str) -> dict[str, Any]:
@@ -271,6 +272,40 @@ class VlmFamily:
                 return p.dtype, p.device
         p = next(inner.parameters())
         return p.dtype, p.device
+
+    # --- the frozen vision side as features -------------------------------------------------
+
+    def vision_inputs(self, processor: Any, images: Sequence[Image.Image]) -> dict[str, Any]:
+        """The processor's encoding of the images with an empty prompt (pixel values and what the
+        vision side needs besides: Qwen's grid, LLaVA-NeXT's sizes, InstructBLIP's Q-Former prompt)."""
+        return self.generation_inputs(processor, images, "")
+
+    def vision_features(self, model: Any, inputs: dict[str, Any]) -> Any:
+        """The image features the language model would receive (``get_image_features``: vision tower
+        and projector), per image. Where their number depends on the image (Qwen-VL, LLaVA-NeXT,
+        Idefics3 give one sequence per image) each image's are averaged to one token, so every
+        image of the family has the same shape; the others keep all their tokens."""
+        import inspect
+
+        import torch
+
+        from medcap.model.adapters import unwrap
+
+        inner = unwrap(model)
+        takes = inspect.signature(inner.get_image_features).parameters
+        dtype, device = self.pixel_dtype_device(model)
+        kwargs = {}
+        for k, v in inputs.items():
+            if k in takes and hasattr(v, "to"):
+                kwargs[k] = v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
+        with torch.no_grad():
+            out = inner.get_image_features(**kwargs)
+        feats = (
+            out.pooler_output if getattr(out, "pooler_output", None) is not None else out.last_hidden_state
+        )
+        if torch.is_tensor(feats):
+            return feats.float()
+        return torch.stack([f.float().reshape(-1, f.shape[-1]).mean(dim=0, keepdim=True) for f in feats])
 
     # --- planning -------------------------------------------------------------------------
 
