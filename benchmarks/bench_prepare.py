@@ -1,32 +1,43 @@
-"""How fast is `medcap data prepare` against decoding every image?
+"""How fast is `medcap data prepare` against decoding every image, at equal worker counts?
 
 Generates N JPEGs of ROCOv2-like sizes (500-1000 px a side; 40% stored with one channel, 30% grey
 stored as RGB, 20% colour, 10% grey as RGB with a small coloured arrow) in a temporary folder, with
-a captions CSV, then in the same run times:
+a captions CSV, then in the same run times, for 1 process and for ``--workers`` processes:
 
-* a naive loop that fully decodes each image (``Image.open(p).convert("RGB")`` and a channel check),
-  in one process (the baseline the targets refer to) and in ``--workers`` processes;
-* ``prepare_dataset`` with each colour policy (``--workers`` processes).
+* the baseline: a naive loop that fully decodes each image (``Image.open(p).convert("RGB")`` and a
+  channel check) in that many processes;
+* ``prepare_dataset`` with each colour policy, in the same number of worker processes.
 
-Prints images per second and the ratio to the naive loop. Targets: stored-rgb >= 20x and
-true-color >= 4x the one-process naive loop.
+Prints images per second and the ratio of prepare to the naive loop AT THE SAME WORKER COUNT (a
+ratio across worker counts mixes in the parallelism). With ``--repeats N`` every timing is taken N
+times, interleaved; a ratio is taken within each repeat (the baseline and prepare timed moments
+apart, under the same load) and the median over repeats is reported, with the range (the machine
+may be shared: the load average before and after is recorded). The same ratio in CPU time (this
+process and its ended pool workers) is printed beside it: other jobs on a shared machine inflate
+wall time, not CPU time. Targets:
+stored-rgb >= 20x and true-color >= 4x the naive loop with the same processes. ``--json`` writes
+everything (machine, load, every timing, the ratios) for benchmarks/results/.
 
-    .venv/bin/python benchmarks/bench_prepare.py            # 5,000 images (a few minutes on 2 cores)
-    .venv/bin/python benchmarks/bench_prepare.py --n 500    # quick run
+    .venv/bin/python benchmarks/bench_prepare.py                      # 5,000 images (minutes on 2 cores)
+    .venv/bin/python benchmarks/bench_prepare.py --n 1000 --repeats 3 --json benchmarks/results/x.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
+import resource
 import shutil
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from benchdata import machine_description
 from PIL import Image, ImageDraw
 
 from medcap.data.prepare import prepare_dataset
@@ -111,8 +122,16 @@ def naive_one(path: str) -> bool:
     return bool((a[..., 0] != a[..., 1]).any() or (a[..., 1] != a[..., 2]).any())
 
 
-def naive(paths: list[str], workers: int) -> float:
-    t0 = time.perf_counter()
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and of its children that have ended (pool workers):
+    unlike wall time, other jobs on a shared machine do not inflate it."""
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+
+
+def naive(paths: list[str], workers: int) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of the baseline."""
+    t0, c0 = time.perf_counter(), cpu_seconds()
     if workers <= 1:
         for p in paths:
             naive_one(p)
@@ -120,17 +139,33 @@ def naive(paths: list[str], workers: int) -> float:
         with multiprocessing.get_context().Pool(workers) as pool:
             for _ in pool.imap_unordered(naive_one, paths, chunksize=16):
                 pass
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, cpu_seconds() - c0
+
+
+POLICIES = ("stored-rgb", "true-color", "all")
+TARGETS = {"stored-rgb": 20.0, "true-color": 4.0}
+
+
+def time_prepare(root: Path, out: Path, policy: str, workers: int) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds) of one ``prepare_dataset`` run into a fresh folder, and the
+    images it kept."""
+    shutil.rmtree(out, ignore_errors=True)
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    st = prepare_dataset(root, out, color_policy=policy, workers=workers, progress=False)
+    return time.perf_counter() - t0, cpu_seconds() - c0, st["train"]["kept"]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=5000, help="number of images (default 5000)")
-    ap.add_argument("--workers", type=int, default=2, help="processes for prepare (default 2)")
+    ap.add_argument("--workers", type=int, default=2, help="processes for the parallel runs (default 2)")
+    ap.add_argument("--repeats", type=int, default=1, help="runs per timing; the median is reported")
     ap.add_argument("--dir", help="keep the generated images here (default: a temporary folder, deleted)")
+    ap.add_argument("--json", type=Path, help="write the results here")
     a = ap.parse_args(argv)
 
     tmp = Path(a.dir) if a.dir else Path(tempfile.mkdtemp(prefix="medcap-bench-prepare-"))
+    result: dict = {"machine": machine_description(), "load_average_before": os.getloadavg()}
     try:
         root = tmp / "data"
         if not (root / "train_captions.csv").is_file():
@@ -142,34 +177,82 @@ def main(argv: list[str] | None = None) -> int:
             )
         paths = sorted(str(p) for p in (root / "train").iterdir())[: a.n]
         n = len(paths)
-        print(f"machine: {os.cpu_count()} CPUs; prepare uses {a.workers} worker processes\n")
+        mb = sum(os.path.getsize(p) for p in paths) / 1e6
+        print(f"machine: {result['machine']}; load average {result['load_average_before'][0]:.2f}")
+        counts = sorted({1, a.workers})
+        timings: dict[str, dict[str, list[float]]] = {}
+        kept: dict[str, int] = {}
+        for _ in range(a.repeats):  # interleaved, so a burst of load on a shared box hits every row alike
+            for w in counts:
+                wall, cpu = naive(paths, w)
+                timings.setdefault(f"naive/{w}", {"seconds": [], "cpu_seconds": []})
+                timings[f"naive/{w}"]["seconds"].append(wall)
+                timings[f"naive/{w}"]["cpu_seconds"].append(cpu)
+                for policy in POLICIES:
+                    wall, cpu, kept[policy] = time_prepare(root, tmp / f"prep-{policy}-{w}", policy, w)
+                    timings.setdefault(f"{policy}/{w}", {"seconds": [], "cpu_seconds": []})
+                    timings[f"{policy}/{w}"]["seconds"].append(wall)
+                    timings[f"{policy}/{w}"]["cpu_seconds"].append(cpu)
+        median = {key: statistics.median(t["seconds"]) for key, t in timings.items()}
 
-        results: list[tuple[str, float]] = []
-        t = naive(paths, 1)
-        results.append(("naive full decode, 1 process", t))
-        base = t
-        t = naive(paths, a.workers)
-        results.append((f"naive full decode, {a.workers} processes", t))
-        naive_par = t
-        for policy in ("stored-rgb", "true-color", "all"):
-            t0 = time.perf_counter()
-            st = prepare_dataset(
-                root, tmp / f"prep-{policy}", color_policy=policy, workers=a.workers, progress=False
-            )
-            dt = time.perf_counter() - t0
-            kept = st["train"]["kept"]
-            results.append((f"prepare --color-policy {policy} (kept {kept})", dt))
-
-        print(f"{'what':<48} {'images/s':>10} {'x naive(1p)':>12} {'x naive(' + str(a.workers) + 'p)':>12}")
-        for name, dt in results:
-            print(f"{name:<48} {n / dt:>10.1f} {base / dt:>12.1f} {naive_par / dt:>12.1f}")
-        ratios = {name.split()[2]: base / dt for name, dt in results if name.startswith("prepare")}
-        ok_rgb = ratios["stored-rgb"] >= 20
-        ok_tc = ratios["true-color"] >= 4
         print(
-            f"\ntargets (vs naive, 1 process): stored-rgb >= 20x: {'met' if ok_rgb else 'NOT met'} "
-            f"({ratios['stored-rgb']:.1f}x); true-color >= 4x: {'met' if ok_tc else 'NOT met'} ({ratios['true-color']:.1f}x)"
+            f"\n{n} images, {mb:.0f} MB; {a.repeats} repeat(s): median images/s (wall); ratio = naive / prepare "
+            "with the same processes, per repeat, median (range), in wall time and in CPU time"
         )
+        print(
+            f"{'what':<44} {'processes':>9} {'images/s':>10} {'x naive':>9} {'range':>11} {'x naive CPU':>12}"
+        )
+        ratios: dict[str, dict[str, float]] = {}
+        ranges: dict[str, dict[str, list[float]]] = {}
+        cpu_ratios: dict[str, dict[str, float]] = {}
+        for w in counts:
+            base, base_cpu = timings[f"naive/{w}"]["seconds"], timings[f"naive/{w}"]["cpu_seconds"]
+            print(
+                f"{'naive full decode (baseline)':<44} {w:>9} {n / median[f'naive/{w}']:>10.1f} {1.0:>9.1f}"
+            )
+            for policy in POLICIES:
+                t = timings[f"{policy}/{w}"]
+                per_repeat = [b / x for b, x in zip(base, t["seconds"], strict=True)]
+                per_repeat_cpu = [b / x for b, x in zip(base_cpu, t["cpu_seconds"], strict=True)]
+                ratios.setdefault(policy, {})[str(w)] = statistics.median(per_repeat)
+                ranges.setdefault(policy, {})[str(w)] = [min(per_repeat), max(per_repeat)]
+                cpu_ratios.setdefault(policy, {})[str(w)] = statistics.median(per_repeat_cpu)
+                name = f"prepare --color-policy {policy} (kept {kept[policy]})"
+                spread = f"{min(per_repeat):.1f}-{max(per_repeat):.1f}"
+                print(
+                    f"{name:<44} {w:>9} {n / median[f'{policy}/{w}']:>10.1f} "
+                    f"{statistics.median(per_repeat):>9.1f} {spread:>11} {statistics.median(per_repeat_cpu):>12.1f}"
+                )
+        verdicts = []
+        for policy, target in TARGETS.items():
+            for w in counts:
+                r = ratios[policy][str(w)]
+                verdicts.append(
+                    f"{policy} >= {target:.0f}x with {w} process(es): {'met' if r >= target else 'NOT met'} ({r:.1f}x)"
+                )
+        print(
+            "\ntargets (prepare vs the naive full decode, same number of processes):\n  "
+            + "\n  ".join(verdicts)
+        )
+        result.update(
+            images=n,
+            megabytes=mb,
+            repeats=a.repeats,
+            worker_counts=counts,
+            seconds=timings,
+            median_seconds=median,
+            images_per_s={key: n / dt for key, dt in median.items()},
+            kept=kept,
+            ratio_vs_naive_same_processes=ratios,
+            ratio_range_over_repeats=ranges,
+            cpu_time_ratio_vs_naive_same_processes=cpu_ratios,
+            targets=verdicts,
+            load_average_after=os.getloadavg(),
+        )
+        if a.json:
+            a.json.parent.mkdir(parents=True, exist_ok=True)
+            a.json.write_text(json.dumps(result, indent=1), encoding="utf-8")
+            print(f"wrote {a.json}")
     finally:
         if not a.dir:
             shutil.rmtree(tmp, ignore_errors=True)

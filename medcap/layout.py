@@ -157,6 +157,11 @@ class RunLayout:
         return self.root / "tensorboard"
 
     @property
+    def tracker_ids(self) -> Path:
+        """Ids of the online tracker runs (W&B), so a resumed run continues the same one."""
+        return self.root / "trackers.json"
+
+    @property
     def result(self) -> Path:
         """``fit()``'s summary."""
         return self.root / "result.json"

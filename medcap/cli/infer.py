@@ -85,8 +85,10 @@ def _load_or_exit(prog: str, args: argparse.Namespace) -> Captioner | None:
             prompt=args.prompt,
         )
     except (FileNotFoundError, ValueError, OSError) as e:
+        from medcap.model.hub import HubUnreachableError
+
         hint = ""
-        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
+        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError | HubUnreachableError):
             hint = " (no model hub can be reached offline: give a local folder, a checkpoint or 'tiny')"
         print(f"{prog}: cannot load the model: {e}{hint}", file=sys.stderr)
         return None
@@ -149,7 +151,13 @@ def cmd_caption(argv: list[str]) -> int:
     except ConfigError as e:
         p.error(str(e))
 
-    candidates, ignored = collect_image_files(args.paths)
+    missing = [p for p in args.paths if not p.exists()]
+    if missing:  # said before the model loads (minutes for a large one)
+        for p in missing:
+            print(f"medcap caption: {p} does not exist", file=sys.stderr)
+        if len(missing) == len(args.paths):
+            return 1
+    candidates, ignored = collect_image_files([p for p in args.paths if p.exists()])
     for f in ignored[:20]:
         print(
             f"ignored {f}: not an image file (suffix {f.suffix or 'none'}, no DICOM marker)", file=sys.stderr
@@ -186,7 +194,7 @@ def cmd_caption(argv: list[str]) -> int:
     if args.out is not None:
         summary += f"; captions written to {args.out}"
     print(summary, file=sys.stderr)
-    return 1 if result.skipped else 0
+    return 1 if result.skipped or missing else 0
 
 
 def cmd_predict(argv: list[str]) -> int:

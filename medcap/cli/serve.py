@@ -9,6 +9,7 @@ import sys
 from medcap.infer.serve.app import create_app, log
 from medcap.infer.serve.loading import load_for_serving
 from medcap.infer.serve.schemas import BatchSettings, ServeLimits
+from medcap.infer.serve.server import uvicorn_config
 
 
 def _positive_int(text: str) -> int:
@@ -59,6 +60,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-queue", type=_positive_int, default=d.max_queue_images, help="images waiting before 503"
     )
+    p.add_argument(
+        "--max-decoded-mb",
+        type=float,
+        default=d.max_decoded_bytes / 2**20,
+        help="largest decoded image (width x height x bytes per pixel, from the header); more gets 413",
+    )
+    p.add_argument(
+        "--decode-budget-mb",
+        type=float,
+        default=d.decode_budget_bytes / 2**20,
+        help="memory all decodes in flight may take together (by each image's estimate)",
+    )
+    p.add_argument(
+        "--decode-workers",
+        type=_positive_int,
+        default=d.max_concurrent_decodes,
+        help="images decoded at the same time",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=d.header_timeout_s,
+        help="seconds a connection may take to send its request headers",
+    )
+    p.add_argument(
+        "--body-timeout", type=float, default=d.body_timeout_s, help="longest pause in a request body (408)"
+    )
+    p.add_argument(
+        "--keep-alive", type=float, default=d.keep_alive_s, help="seconds an idle connection is kept open"
+    )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
 
@@ -87,6 +118,12 @@ def cmd_serve(argv: list[str]) -> int:
             max_new_tokens=args.max_new_tokens,
             max_beams=args.max_beams,
             max_queue_images=args.max_queue,
+            max_decoded_bytes=int(args.max_decoded_mb * 2**20),
+            decode_budget_bytes=int(args.decode_budget_mb * 2**20),
+            max_concurrent_decodes=args.decode_workers,
+            header_timeout_s=args.header_timeout,
+            body_timeout_s=args.body_timeout,
+            keep_alive_s=args.keep_alive,
         )
         batching = BatchSettings(max_batch=args.max_batch, window_ms=args.batch_window_ms)
     except ValueError as e:
@@ -119,5 +156,13 @@ def cmd_serve(argv: list[str]) -> int:
     print(
         f"medcap serve: http://{args.host}:{args.port}/  (API docs: /docs, schema: /openapi.json)", flush=True
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    config = uvicorn_config(
+        app,
+        args.host,
+        args.port,
+        header_timeout_s=limits.header_timeout_s,
+        keep_alive_s=limits.keep_alive_s,
+        log_level=args.log_level,
+    )
+    uvicorn.Server(config).run()
     return 0

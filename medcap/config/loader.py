@@ -20,6 +20,7 @@ import copy
 import dataclasses
 import difflib
 import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -204,12 +205,18 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | dict | None = None) -> T:
+def load_config(
+    cls: type[T],
+    path: str | Path | None = None,
+    overrides: list[str] | dict | None = None,
+    migrate: Callable[[dict], dict] | None = None,
+) -> T:
     """Read ``path`` (YAML) into ``cls`` and apply command-line ``overrides``.
 
     Overrides are dotted keys relative to ``cls`` (``train.lr``). An error in the file names the file
     and key; an error in an override names the command line and the flag (an unknown flag with the
     closest settings of any section), so a typo on the command line is never blamed on the YAML.
+    ``migrate`` rewrites the file's mapping first (settings an earlier version wrote differently).
     """
     data: dict[str, Any] = {}
     source = "defaults"
@@ -224,6 +231,8 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         data = loaded or {}
+        if migrate is not None:
+            data = migrate(data)
         source = str(path)
         # The file alone first: its own mistakes are reported against it.
         try:

@@ -28,13 +28,38 @@ class RunConfig:
     """Decoding settings for the sample captions (and later for medcap predict)."""
 
 
+#: Settings earlier medcap versions wrote into config.yaml that have a new spelling now, and how an
+#: old value becomes the new one; so checkpoints and run folders of those versions still load.
+LEGACY_SETTINGS = {
+    # train.tensorboard: bool (up to 0.1.0) -> train.report_to: list of places.
+    "train.tensorboard": lambda old, data: {
+        "train.report_to": ["tensorboard", "csv"] if old in (True, "true", None) else ["csv"]
+    },
+}
+
+
+def _migrate(data: dict) -> dict:
+    """Rewrite settings of earlier versions (``LEGACY_SETTINGS``) in a YAML mapping, in place."""
+    for dotted, convert in LEGACY_SETTINGS.items():
+        section, key = dotted.split(".", 1)
+        if isinstance(data.get(section), dict) and key in data[section]:
+            old = data[section].pop(key)
+            for new_dotted, value in convert(old, data).items():
+                new_section, new_key = new_dotted.split(".", 1)
+                data[new_section].setdefault(new_key, value)
+    return data
+
+
 def load_run_config(path: str | Path | None, overrides: list[str] | dict | None = None) -> RunConfig:
     """Read a run config from YAML and apply dotted command-line overrides.
 
     ``path`` is a YAML file or the name of a shipped recipe (``medcap configs`` lists them:
     ``demo``, ``blip2-opt-6.7b-lora-v100`` ...), so a wheel install runs them without a clone.
+    Settings of earlier medcap versions are read in their new spelling (``LEGACY_SETTINGS``).
     """
-    return load_config(RunConfig, resolve_config(path) if path is not None else None, overrides)
+    return load_config(
+        RunConfig, resolve_config(path) if path is not None else None, overrides, migrate=_migrate
+    )
 
 
 def read_run_config(folder: str | Path) -> RunConfig:
@@ -45,7 +70,7 @@ def read_run_config(folder: str | Path) -> RunConfig:
     if not path.is_file():
         raise FileNotFoundError(f"{folder} is not a medcap run or checkpoint: no {path.name} there")
     try:
-        return load_config(RunConfig, path)
+        return load_config(RunConfig, path, migrate=_migrate)
     except ConfigError as e:
         raise ConfigError(f"{e} (written by another medcap version? edit the file or retrain)") from None
 

@@ -4,7 +4,7 @@ section of a run config)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -89,8 +89,14 @@ class TrainConfig:
     """Continue from out_dir/checkpoints/last when it exists (config and data must match)."""
     progress_bar: bool = True
     """Show a tqdm progress bar with loss, learning rate, samples/s and ETA."""
-    tensorboard: bool = True
-    """Write TensorBoard event files to out_dir/tensorboard."""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard", "csv"])
+    """Where losses, learning rate, throughput, the hyperparameters and sample captions go: ``csv``
+    (RUN/log.csv and RUN/samples.jsonl, always kept by the report), and any of accelerate's trackers:
+    ``tensorboard`` (RUN/tensorboard), ``wandb``, ``mlflow``, ``comet_ml``, ``aim``, ``clearml``,
+    ``dvclive``, ``swanlab``, ``trackio`` (each needs its own package installed)."""
+    tracker_project: str = "medcap"
+    """Project (experiment) name at the online trackers (wandb, mlflow, ...); the run is named after
+    train.out_dir's folder."""
 
     def __post_init__(self) -> None:
         def positive(name: str, allow_none: bool = False) -> None:
@@ -131,28 +137,63 @@ class TrainConfig:
             raise ConfigError(f"train.num_sample_captions must be >= 0, got {self.num_sample_captions}")
         if self.min_delta < 0:
             raise ConfigError(f"train.min_delta must be >= 0, got {self.min_delta}")
+        unknown = [t for t in self.report_to if t not in REPORT_TO]
+        if unknown:
+            raise ConfigError(
+                f"train.report_to: {', '.join(map(repr, unknown))} is not a place medcap can log to; "
+                f"choose from {', '.join(REPORT_TO)}"
+            )
         if not self.eval_at_epoch_end and self.eval_every is None and self.patience is not None:
             raise ConfigError(
                 "train.patience needs validations: set train.eval_every or train.eval_at_epoch_end"
             )
 
 
-#: Settings that may change between a run and its resumption without changing the result. The run
-#: folder and the data folder may be spelled differently (relative/absolute, moved): the checkpoint
-#: lives in the run folder, and the data is checked by the hash of its manifests instead.
+#: Where a run can log: csv (medcap's own) and the trackers accelerate ships.
+REPORT_TO = (
+    "csv",
+    "tensorboard",
+    "wandb",
+    "mlflow",
+    "comet_ml",
+    "aim",
+    "clearml",
+    "dvclive",
+    "swanlab",
+    "trackio",
+)
+
+#: Settings that may change between a run and its resumption without changing the result so far.
+#: The run folder and the data folder may be spelled differently (relative/absolute, moved): the
+#: checkpoint lives in the run folder, and the data is checked by the hash of its manifests instead.
+#: The length of the run (max_steps, epochs) may grow, so a finished run can be trained longer; how
+#: often it validates, saves and logs, where it logs, and how sample captions are decoded may change.
 RESUME_MAY_DIFFER = frozenset(
     {
         "train.resume",
         "train.out_dir",
         "data.prepared",
+        "data.num_workers",
         "train.progress_bar",
         "train.log_every",
-        "train.tensorboard",
-        "data.num_workers",
+        "train.report_to",
+        "train.tracker_project",
+        "train.max_steps",
+        "train.epochs",
+        "train.eval_every",
+        "train.eval_at_epoch_end",
+        "train.save_every",
+        "train.patience",
+        "train.min_delta",
+        "train.num_sample_captions",
+        "train.eval_batch_size",
         "train.dry_run_steps",
         "train.dry_run_images",
         "train.dry_run_batch_size",
     }
 )
+#: Prefixes of settings that may change on resume (every decoding setting: they only shape the
+#: sample captions printed during training, not the weights).
+RESUME_MAY_DIFFER_SECTIONS = ("generate.",)
 
-__all__ = ["RESUME_MAY_DIFFER", "TrainConfig"]
+__all__ = ["REPORT_TO", "RESUME_MAY_DIFFER", "RESUME_MAY_DIFFER_SECTIONS", "TrainConfig"]

@@ -4,8 +4,13 @@ The record (doi 10.5281/zenodo.10821435, record id 10821435) lists its files wit
 checksums at ``{base_url}/api/records/{record}``. Each file is fetched into ``DIR/<name>.part``,
 resumed with an HTTP ``Range`` request after a broken connection (or a killed run), checked for
 size and MD5, and only then renamed to ``DIR/<name>``; a file whose checksum is wrong is deleted,
-never kept as good. Zip archives are then unpacked (with a guard against paths that leave DIR),
-so that ``medcap data prepare DIR`` reads the release layout directly.
+never kept as good. Zip archives are then unpacked, so that ``medcap data prepare DIR`` reads the
+release layout directly.
+
+What a record (or a mirror pretending to be one) says is not trusted: every file is written inside
+DIR (a key like ``../../x`` or ``/etc/x`` is refused, as zip members that would leave DIR are),
+only http(s) addresses are fetched (also after a redirect: no ``file:``, ``ftp:`` or ``data:``),
+and a zip is unpacked only if its declared size fits the disk and a sane compression ratio.
 
 Only the standard library (urllib) is used for HTTP; ``base_url`` is configurable for mirrors and
 for tests (a local server on loopback).
@@ -19,12 +24,14 @@ import http.client
 import json
 import os
 import re
+import shutil
 import socket
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +43,12 @@ DEFAULT_RECORD = "10821435"  # ROCOv2, doi 10.5281/zenodo.10821435
 USER_AGENT = "medcap-download/0.1 (+https://doi.org/10.5281/zenodo.10821435)"
 
 CHUNK = 1 << 20
+
+#: Largest ratio of a zip's declared uncompressed size to its size on disk that is unpacked. The
+#: release's zips hold JPEGs (about 1:1) and CSV text (about 1:4); a zip bomb is 1:1000.
+MAX_ZIP_RATIO = 100
+
+_URL_SCHEMES = ("http", "https")
 
 
 class DownloadError(RuntimeError):
@@ -66,9 +79,64 @@ _RETRYABLE = (
 )
 
 
+def check_url(url: str, what: str) -> str:
+    """``url`` if it is an http(s) address with a host, else ``DownloadError`` naming ``what``."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme.lower() not in _URL_SCHEMES or not parts.netloc:
+        raise DownloadError(
+            f"{what}: {url!r} is not an http(s) address; medcap downloads only over http(s) "
+            "(check --base-url, or the record is not a Zenodo record)"
+        )
+    return url
+
+
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows redirects only to http(s) addresses (urllib's own handler also follows ftp:)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001 - urllib's signature
+        check_url(newurl, f"a redirect from {req.full_url}")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _http_opener() -> urllib.request.OpenerDirector:
+    """An opener that speaks only http(s): no file:, ftp: or data: handlers at all."""
+    opener = urllib.request.OpenerDirector()
+    for handler in (
+        urllib.request.ProxyHandler(),
+        urllib.request.UnknownHandler(),
+        urllib.request.HTTPHandler(),
+        urllib.request.HTTPSHandler(),
+        urllib.request.HTTPDefaultErrorHandler(),
+        _HttpOnlyRedirects(),
+        urllib.request.HTTPErrorProcessor(),
+    ):
+        opener.add_handler(handler)
+    return opener
+
+
 def _open(url: str, timeout: float, headers: dict[str, str] | None = None) -> Any:
+    check_url(url, "download")
     req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, **(headers or {})})
-    return urllib.request.urlopen(req, timeout=timeout)  # noqa: S310 - http(s) URLs from the record
+    return _http_opener().open(req, timeout=timeout)
+
+
+def destination(out: Path, key: str) -> Path:
+    """Where the file ``key`` goes: inside ``out``, or ``DownloadError`` (``../x``, ``/etc/x``,
+    ``C:\\x`` and anything that resolves outside, as zip members are checked)."""
+    out_r = out.resolve()
+    dest = (out / key).resolve()
+    if (
+        not key
+        or "\\" in key
+        or Path(key).is_absolute()
+        or re.match(r"^[A-Za-z]:", key)
+        or out_r not in dest.parents
+    ):
+        raise DownloadError(
+            f"the record lists a file named {key!r}, which would be written outside {out}; refusing to "
+            "download it (a record's file names must be plain names)"
+        )
+    return dest
 
 
 def _is_retryable_http(e: urllib.error.HTTPError) -> bool:
@@ -110,7 +178,8 @@ def parse_record(meta: dict[str, Any], api_url: str) -> list[RemoteFile]:
         checksum = f.get("checksum") or ""
         md5 = checksum.split(":", 1)[1] if checksum.startswith("md5:") else (checksum or None)
         size = f.get("size", f.get("filesize"))
-        out.append(RemoteFile(key=key, url=urllib.parse.urljoin(api_url, link), size=size, md5=md5))
+        url = check_url(urllib.parse.urljoin(api_url, link), f"{api_url}: the link of {key!r}")
+        out.append(RemoteFile(key=key, url=url, size=size, md5=md5))
     return out
 
 
@@ -122,7 +191,7 @@ def fetch_record(
     backoff: float = 1.0,
 ) -> list[RemoteFile]:
     """List the record's files from the REST API (bounded retries on network errors)."""
-    url = record_url(base_url, record)
+    url = check_url(record_url(base_url, record), "--base-url")
     last: Exception | None = None
     for attempt in range(retries + 1):
         try:
@@ -187,13 +256,15 @@ def download_file(
     from tqdm.auto import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
-    dest = out / rf.key
+    dest = destination(out, rf.key)
+    check_url(rf.url, rf.key)
+    dest.parent.mkdir(parents=True, exist_ok=True)
     if _is_verified(dest, rf):
         return dest
     if dest.is_file() and rf.md5 and md5_of(dest) == rf.md5:  # complete from an earlier run
         _mark_verified(dest, rf)
         return dest
-    part = out / (rf.key + ".part")
+    part = dest.with_name(dest.name + ".part")
     bar = tqdm(
         total=rf.size,
         initial=0,
@@ -301,25 +372,51 @@ def unpack_zip(path: Path, out: Path) -> Path:
     marker = out / f".{path.name}.unpacked"
     if marker.is_file():
         return out
-    with zipfile.ZipFile(path) as z:
-        names = [n for n in z.namelist() if not n.endswith("/")]
-        top = {n.split("/", 1)[0] for n in names}
-        flat = all("/" not in n for n in names)
-        target = out
-        stem = path.stem
-        if flat and stem.endswith("_images"):
-            target = out / stem[: -len("_images")]
-        target_r = target.resolve()
-        for n in names:
-            dest = (target / n).resolve()
-            if target_r not in dest.parents and dest != target_r:
-                raise DownloadError(
-                    f"{path}: member {n!r} would be written outside {target}; refusing to unpack"
-                )
-        target.mkdir(parents=True, exist_ok=True)
-        z.extractall(target)
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = [i for i in z.infolist() if not i.is_dir()]
+            names = [i.filename for i in infos]
+            top = {n.split("/", 1)[0] for n in names}
+            flat = all("/" not in n for n in names)
+            target = out
+            stem = path.stem
+            if flat and stem.endswith("_images"):
+                target = out / stem[: -len("_images")]
+            target_r = target.resolve()
+            for n in names:
+                dest = (target / n).resolve()
+                if target_r not in dest.parents and dest != target_r:
+                    raise DownloadError(
+                        f"{path}: member {n!r} would be written outside {target}; refusing to unpack"
+                    )
+            _check_unpacked_size(path, infos, out)
+            target.mkdir(parents=True, exist_ok=True)
+            z.extractall(target)  # each member stops at its declared size (zipfile's own bound)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, zlib.error, NotImplementedError) as e:
+        raise DownloadError(
+            f"{path}: not a complete, readable zip archive ({e}); the record's checksum matched, so the "
+            "record itself lists a damaged file: try another mirror (--base-url), or report it to the "
+            "dataset's maintainers"
+        ) from None
     marker.write_text(json.dumps({"files": len(names), "folders": sorted(top)[:10]}))
     return target
+
+
+def _check_unpacked_size(path: Path, infos: list[zipfile.ZipInfo], out: Path) -> None:
+    """Refuse a zip whose declared contents are out of proportion to it, or do not fit the disk."""
+    declared = sum(i.file_size for i in infos)
+    on_disk = max(1, path.stat().st_size)
+    if declared > MAX_ZIP_RATIO * on_disk:
+        raise DownloadError(
+            f"{path}: declares {declared:,} bytes of contents in {on_disk:,} bytes ({declared / on_disk:,.0f}:1; "
+            f"at most {MAX_ZIP_RATIO}:1 is unpacked): a zip bomb, not a dataset archive"
+        )
+    free = shutil.disk_usage(out).free
+    if declared > free:
+        raise DownloadError(
+            f"{path}: unpacking needs {declared / 2**30:,.1f} GiB and {out} has {free / 2**30:,.1f} GiB "
+            "free; free some space (or pass --no-unpack and unpack elsewhere)"
+        )
 
 
 def download_rocov2(

@@ -16,6 +16,29 @@ measured at this scale), a colour Doppler box a percent or more (1.05-2.1% on th
 on real scanners), so arrow-only images count as grey with colour marks (reported separately in
 stats.json) while Doppler overlays, colour maps, fused PET-CT, photographs and endoscopy count as
 colour. Both numbers are options (``--color-threshold``, ``--color-fraction``).
+
+How the two thresholds were chosen
+----------------------------------
+By measurement on pictures of both kinds, with a margin on each side (the cases are in
+``tests/data/test_colour_policy.py`` and ``tests/data/test_prepare.py``; ROCOv2-sized 640 x 512
+JPEGs, checked at 1/8 scale):
+
+* ``color_threshold`` 24 sits between grey and colour levels. Grey whose channels differ by up to
+  8 levels before saving (a colour scanner's noise), saved at JPEG quality 10-95 with 4:4:4 or
+  4:2:0 chroma, differs by at most 7 levels at 1/8 scale; decoded at full size the same files
+  reach 34, which is why the check decodes at 1/8 (the 8 x 8 averaging removes the noise). Below
+  24 are also the grey mid-tones of blue-yellow colour maps (cividis, a linear blue-to-yellow map),
+  so 32-38% of a cividis picture and 80% of a blue-to-yellow one count as coloured: far above 1%.
+* ``color_fraction`` 1% sits between marks and content: a coloured arrow covers 0.25-0.41% of a
+  phantom, a small activation blob 0.2%, a coloured scale ruler of 30% of the width 0.7-0.8%;
+  colour content starts at the phantoms' smallest Doppler box (1.05%) and a few activation blobs
+  (2%), and maps, fused PET-CT, photographs and endoscopy are mostly coloured.
+
+What the rule cannot tell: it measures how much of the picture is coloured, not what shape or hue
+the colour has. A ruler along a whole edge (1.7% coloured at 1/8 scale) makes a grey radiograph
+count as colour, and so does grey tinted by a colour map (matplotlib's "bone": channels up to 32
+levels apart). The margin on the fraction side is small (Doppler 1.05% against rulers 0.8%): tune
+``--color-fraction`` for a collection whose marks or overlays differ.
 """
 
 from __future__ import annotations
@@ -30,6 +53,14 @@ from typing import Any, Literal
 
 from PIL import Image, ImageChops, ImageFile, UnidentifiedImageError
 
+from medcap.data.decode_limits import (
+    DEFAULT_MAX_DECODED_BYTES,
+    MAX_JPEG_SCANS,
+    DecodeLimitError,
+    check_decoded_bytes,
+    decoded_bytes_per_pixel,
+    jpeg_scan_count,
+)
 from medcap.data.images import PIL_FORMATS, claimed_format
 
 ColorPolicy = Literal["stored-rgb", "true-color", "all"]
@@ -59,6 +90,8 @@ class InspectOptions:
 
     max_pixels: int = DEFAULT_MAX_PIXELS
     """Images with more pixels (width x height, from the header) are skipped as decompression bombs."""
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES
+    """Images whose decoded frame would take more bytes (from the header) are skipped likewise."""
     check_color: bool = True
     """Decode multi-channel images at 1/8 scale to tell true colour from grey stored as RGB."""
     verify_decode: bool = False
@@ -196,6 +229,23 @@ def inspect_image(path: str, opts: InspectOptions) -> ImageInfo:
                 info.reason = "too_many_pixels"
                 info.detail = f"{info.width} x {info.height} = {pixels:,} pixels > limit {opts.max_pixels:,}"
                 return info
+            try:
+                bpp = decoded_bytes_per_pixel(info.mode)
+                check_decoded_bytes(info.width, info.height, bpp, opts.max_decoded_bytes, info.mode)
+            except DecodeLimitError as e:
+                info.reason, info.detail = "too_many_pixels", str(e)
+                return info
+            if info.format in ("JPEG", "MPO") and (im.info.get("progressive") or im.info.get("progression")):
+                # libjpeg runs every scan over the whole image, draft mode included: count them first.
+                f.seek(0)
+                scans = jpeg_scan_count(f.read(), stop_after=MAX_JPEG_SCANS)
+                if scans > MAX_JPEG_SCANS:
+                    info.reason = "too_many_scans"
+                    info.detail = (
+                        f"a progressive JPEG with more than {MAX_JPEG_SCANS} scans (real encoders write "
+                        "6 to about 20): decoding it would take minutes; re-save it as a baseline JPEG or PNG"
+                    )
+                    return info
             ext_fmt = _EXT_FORMATS.get(os.path.splitext(path)[1].lower())
             if ext_fmt and info.format and ext_fmt != info.format:
                 info.notes.append(

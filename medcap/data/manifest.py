@@ -7,10 +7,11 @@ names the files."""
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from medcap.data.tables import read_csv_dicts
 
 MANIFEST_COLUMNS = [
     "id",  # image ID, e.g. ROCOv2_2023_train_000001
@@ -68,25 +69,24 @@ def read_manifest(path: str | Path, limit: int | None = None) -> list[ManifestRo
             "and point data.prepared at DIR"
         )
     rows: list[ManifestRow] = []
-    with path.open(newline="", encoding="utf-8") as f:
-        for rec in csv.DictReader(f):
-            tc = (rec.get("true_color") or "").strip()
-            rows.append(
-                ManifestRow(
-                    id=rec["id"],
-                    image=rec["image"],
-                    caption_raw=rec["caption_raw"],
-                    caption=rec["caption"],
-                    cuis=[c for c in (rec.get("cuis") or "").split(";") if c],
-                    modality=rec.get("modality", "unknown") or "unknown",
-                    width=int(rec.get("width") or 0),
-                    height=int(rec.get("height") or 0),
-                    mode=rec.get("mode", ""),
-                    true_color=None if tc == "" else tc in ("1", "True", "true"),
-                )
+    for _line, rec in read_csv_dicts(path)[1]:  # the one CSV reader (CsvError names file and line)
+        tc = (rec.get("true_color") or "").strip()
+        rows.append(
+            ManifestRow(
+                id=rec["id"],
+                image=rec["image"],
+                caption_raw=rec["caption_raw"],
+                caption=rec["caption"],
+                cuis=[c for c in (rec.get("cuis") or "").split(";") if c],
+                modality=rec.get("modality", "unknown") or "unknown",
+                width=int(rec.get("width") or 0),
+                height=int(rec.get("height") or 0),
+                mode=rec.get("mode", ""),
+                true_color=None if tc == "" else tc in ("1", "True", "true"),
             )
-            if limit is not None and len(rows) >= limit:
-                break
+        )
+        if limit is not None and len(rows) >= limit:
+            break
     return rows
 
 

@@ -42,7 +42,8 @@ from medcap.data.tables import CaptionRow, clean_caption, read_captions, read_co
 
 # Why an item was dropped. Every skipped.csv row carries one of these, with a detail.
 SKIP_REASONS: dict[str, str] = {
-    "malformed_row": "the CSV record has no ID or no caption field",
+    "malformed_row": "the CSV record has no ID or no usable caption field (wrong number of fields, a field "
+    "over the length limit, or an unclosed quote that swallowed the rows after it)",
     "duplicate_id": "the ID appeared earlier in the captions CSV (the first row is kept)",
     "missing_image": "a caption row whose image file is not in the image folder",
     "no_caption": "an image file with no row in the captions CSV",
@@ -51,7 +52,9 @@ SKIP_REASONS: dict[str, str] = {
     "truncated": "the image file ends early (download or copy cut short)",
     "corrupt": "the image file is damaged and cannot be decoded",
     "unreadable": "not an image format Pillow can read",
-    "too_many_pixels": "width x height over the pixel limit (decompression-bomb guard)",
+    "too_many_pixels": "width x height (or the decoded bytes) over the limit (decompression-bomb guard)",
+    "too_many_scans": "a progressive JPEG with more scans than any encoder writes (a decoding-time bomb)",
+    "outside_folder": "a symbolic link that leads outside the image folder (not followed)",
     "color_policy": "the image does not pass the chosen colour policy",
 }
 
@@ -120,12 +123,16 @@ def prepare_split(
 
     for row in captions:
         if not row.id or row.caption_raw is None:
-            what = "no ID" if not row.id else "wrong number of fields (an unquoted comma?)"
             # The row's image (if any) is accounted for by this row, not reported again as an orphan.
             name, others = index.find(row.id) if row.id else (None, [])
             used_files.update([name, *others] if name else [])
             img = os.path.join(img_dir, name) if name else ""
-            skipped.append([row.id, img, "malformed_row", f"{source.captions.name} line {row.line}: {what}"])
+            if row.problem:
+                detail = f"{source.captions.name} {row.problem}"
+            else:
+                what = "no ID" if not row.id else "wrong number of fields (an unquoted comma?)"
+                detail = f"{source.captions.name} line {row.line}: {what}"
+            skipped.append([row.id, img, "malformed_row", detail])
             continue
         if row.id in first_line:
             skipped.append(
@@ -152,6 +159,17 @@ def prepare_split(
         used_files.add(name)
         used_files.update(others)
         img_path = os.path.join(img_dir, name)
+        if name in index.outside:
+            skipped.append(
+                [
+                    row.id,
+                    img_path,
+                    "outside_folder",
+                    f"{name} is a symbolic link that leads outside {source.images}; it is not followed "
+                    "(copy the image into the folder to use it)",
+                ]
+            )
+            continue
         caption = clean_caption(row.caption_raw)
         if not caption:
             skipped.append(

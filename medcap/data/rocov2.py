@@ -141,10 +141,17 @@ class ImageIndex:
         self.by_name: dict[str, str] = {}
         self.by_stem: dict[str, list[str]] = {}
         self.ignored: list[str] = []
+        self.outside: set[str] = set()
+        """Names that are symbolic links leading outside the folder: matched to their IDs, never read."""
+        real_folder = os.path.realpath(folder)
         with os.scandir(folder) as it:
             for entry in it:
                 if not entry.is_file():
                     continue
+                if entry.is_symlink():
+                    target = os.path.realpath(entry.path)
+                    if os.path.commonpath([real_folder, target]) != real_folder:
+                        self.outside.add(entry.name)
                 name = entry.name
                 stem, ext = os.path.splitext(name)
                 if ext.lower() not in IMAGE_EXTENSIONS:

@@ -1,21 +1,51 @@
-"""Reading the CSV files datasets come with (captions, concepts): UTF-8 with or without BOM,
-comma, tab or semicolon separated, quoted fields, headers or none, bad bytes named by line."""
+"""Reading CSV files: the one CSV reader of medcap. Datasets' captions and concepts (prepare),
+submissions (check-submission), predictions and references (evaluate) and the run files the report
+reads all go through ``iter_csv_records``, so they share one field-size limit and one quoting rule:
+
+* UTF-8 with or without BOM; comma, tab or semicolon separated (datasets); bad bytes named by line;
+* strict quoting: a quote that is never closed is an error naming the line it opens on, and a
+  quoted field that swallows the rows after it is visible (``CsvRecord.end_line``);
+* fields longer than ``MAX_FIELD_CHARS`` are a problem of their row (``CsvRecord.too_long``), not
+  a parser error that ends the file: prepare skips the row, check-submission and evaluate name it.
+"""
 
 from __future__ import annotations
 
 import codecs
 import csv
 import io
+import re
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+#: Longest field (in characters) any CSV of medcap may hold: the csv module's own default, which is
+#: what the official submission checkers parse with. ROCOv2's longest caption is about 4,400
+#: characters (778 words).
+MAX_FIELD_CHARS = 131_072
+
+# The csv module's own limit would end the parse at the first longer field, with the quoting blamed;
+# ours is checked per record instead (the whole text is in memory already, so this costs nothing).
+csv.field_size_limit(sys.maxsize)
+
+#: A continuation line of a multi-line field that looks like the start of a record (``<ID>,...``):
+#: the sign of an unclosed quote that swallowed the rows after it.
+_LOOKS_LIKE_A_ROW = re.compile(r"^[^\s,;\t\"]+[,;\t]")
 
 # Zero-width format characters (Unicode Cf) seen in real captions; invisible, so removed.
 _ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u200e\u200f\u2060\ufeff"), None)
 
 
 class CsvError(ValueError):
-    """A CSV file cannot be read; the message names the file, the line and what to do."""
+    """A CSV file cannot be read; the message names the file, the line and what to do. ``line`` and
+    ``reason`` are the parts, for callers that word their own messages (the submission checker)."""
+
+    def __init__(self, message: str, line: int | None = None, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.line = line
+        self.reason = reason or message
 
 
 def clean_caption(text: str) -> str:
@@ -26,12 +56,109 @@ def clean_caption(text: str) -> str:
 
 @dataclass
 class CsvRecord:
-    """One data record of a CSV: its fields and the physical line where it starts (1-based)."""
+    """One data record of a CSV: its fields and the physical lines it spans (1-based)."""
 
     line: int
     fields: list[str]
     replaced: bool = False
     """True when undecodable bytes in this record were replaced (``encoding_errors='replace'``)."""
+    end_line: int = 0
+    """The last physical line of the record (more than ``line`` when a quoted field holds line breaks)."""
+
+    @property
+    def too_long(self) -> int | None:
+        """The length of the longest field when it is over ``MAX_FIELD_CHARS``, else None."""
+        longest = max((len(f) for f in self.fields), default=0)
+        return longest if longest > MAX_FIELD_CHARS else None
+
+    def problem(self) -> str | None:
+        """What is wrong with this record as one row of a table, in words naming its lines, or None:
+        a field over the length limit, or a quoted field that swallowed what look like later rows."""
+        if self.too_long is not None:
+            return (
+                f"line {self.line}: a field of {self.too_long:,} characters, over the limit of "
+                f"{MAX_FIELD_CHARS:,} (shorten it; if it holds several rows, a quote is not closed)"
+            )
+        if self.end_line > self.line:
+            swallowed = [
+                line for f in self.fields for line in f.splitlines()[1:] if _LOOKS_LIKE_A_ROW.match(line)
+            ]
+            if swallowed:
+                return (
+                    f"lines {self.line}-{self.end_line}: the quote opened on line {self.line} is closed only "
+                    f"on line {self.end_line}, so {len(swallowed)} line(s) that look like rows (e.g. "
+                    f"{swallowed[0][:40]!r}) became part of one field; close the quote on line {self.line}"
+                )
+        return None
+
+
+def iter_csv_records(text: str, label: str, delimiter: str = ",") -> Iterator[CsvRecord]:
+    """The records of CSV text with the physical lines each spans, blank lines included (as empty
+    records), parsed with strict quoting. A quote that is never closed (or text right after a
+    closing quote) raises ``CsvError`` naming ``label`` and the line the record starts on."""
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    prev_end = 0
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            start = prev_end + 1
+            if "unexpected end of data" in str(e):
+                what = (
+                    f"the quote opened on line {start} is never closed, so every line after it would be "
+                    "read as one field"
+                )
+            else:
+                what = f"{e} (reached line {reader.line_num})"
+            reason = (
+                f"{what}. A field that holds commas, quotes or line breaks must be enclosed in double "
+                'quotes, with each quote inside it doubled ("").'
+            )
+            raise CsvError(f"{label}, line {start}: {reason}", line=start, reason=reason) from None
+        start, end = prev_end + 1, reader.line_num
+        prev_end = end
+        yield CsvRecord(line=start, fields=fields, end_line=end)
+
+
+def decode_csv_bytes(data: bytes, label: str, encoding: str = "utf-8") -> str:
+    """CSV bytes as text (a UTF-8 BOM dropped); undecodable bytes raise ``CsvError`` naming the line."""
+    if data.startswith(codecs.BOM_UTF8) and encoding.lower().replace("_", "-") in (
+        "utf-8",
+        "utf8",
+        "utf-8-sig",
+    ):
+        data = data[len(codecs.BOM_UTF8) :]
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise CsvError(
+            f"{label}, line {line}: bytes {data[e.start : e.end]!r} are not valid {encoding}; "
+            "save the file as UTF-8"
+        ) from None
+
+
+def read_csv_dicts(path: Path, encoding: str = "utf-8") -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """A CSV with a header line as ``(header, [(line, {column: value}), ...])``, through the one
+    reader (blank lines skipped). Missing trailing fields are empty strings; ``CsvError`` names the
+    file and line of an undecodable byte, an unclosed quote or a field over the length limit."""
+    text = decode_csv_bytes(path.read_bytes(), str(path), encoding)
+    header: list[str] | None = None
+    rows: list[tuple[int, dict[str, str]]] = []
+    for rec in iter_csv_records(text, str(path)):
+        if not rec.fields or (len(rec.fields) == 1 and not rec.fields[0].strip()):
+            continue
+        if rec.too_long is not None:
+            raise CsvError(f"{path}, {rec.problem()}")
+        if header is None:
+            header = rec.fields
+            continue
+        rows.append(
+            (rec.line, {k: (rec.fields[i] if i < len(rec.fields) else "") for i, k in enumerate(header)})
+        )
+    return header or [], rows
 
 
 @dataclass
@@ -96,22 +223,12 @@ def read_csv_table(
     delimiter = ","
     if "," not in first_line:  # a 2023-edition TSV, or a spreadsheet export with semicolons
         delimiter = "\t" if "\t" in first_line else (";" if ";" in first_line else ",")
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     records: list[CsvRecord] = []
-    prev_end = 0
-    try:
-        for fields in reader:
-            start, end = prev_end + 1, reader.line_num
-            prev_end = end
-            if not fields or (len(fields) == 1 and not fields[0].strip()):
-                continue  # blank line
-            hit = any(start <= ln <= end for ln in bad_lines) if bad_lines else False
-            records.append(CsvRecord(line=start, fields=fields, replaced=hit))
-    except csv.Error as e:
-        raise CsvError(
-            f"{path}, line {reader.line_num}: {e}. Check the quoting near that line "
-            "(a field that holds commas, quotes or newlines must be enclosed in double quotes)."
-        ) from None
+    for rec in iter_csv_records(text, str(path), delimiter):
+        if not rec.fields or (len(rec.fields) == 1 and not rec.fields[0].strip()):
+            continue  # blank line
+        rec.replaced = any(rec.line <= ln <= rec.end_line for ln in bad_lines) if bad_lines else False
+        records.append(rec)
     return CsvTable(
         path=path,
         header=None,
@@ -157,6 +274,8 @@ class CaptionRow:
     id: str
     caption_raw: str | None
     replaced: bool = False
+    problem: str | None = None
+    """Why the record cannot be a caption row although it parsed (``CsvRecord.problem``)."""
 
 
 def read_captions(
@@ -171,8 +290,11 @@ def read_captions(
         f = rec.fields
         rid = f[id_col].strip() if len(f) > id_col else ""
         # Extra fields (an unquoted comma) are not guessed at: the row is reported as malformed.
-        cap = f[cap_col] if len(f) == n_fields else None
-        rows.append(CaptionRow(line=rec.line, id=rid, caption_raw=cap, replaced=rec.replaced))
+        problem = rec.problem()
+        cap = f[cap_col] if len(f) == n_fields and problem is None else None
+        rows.append(
+            CaptionRow(line=rec.line, id=rid, caption_raw=cap, replaced=rec.replaced, problem=problem)
+        )
     facts = {
         "file": str(path),
         "bom": table.had_bom,

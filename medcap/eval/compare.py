@@ -3,13 +3,13 @@ images (each metric's difference with its 95% interval and a p-value)."""
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from medcap.data.tables import CsvError, read_csv_dicts
 from medcap.eval.evaluate import EvaluationError, _ci, bootstrap_means
 from medcap.layout import EvalLayout, RunLayout
 
@@ -44,18 +44,20 @@ def find_per_caption(path: str | Path, split: str | None = None) -> Path:
 
 def read_per_caption(path: Path) -> tuple[list[str], dict[str, np.ndarray]]:
     """IDs and per-metric score arrays of a ``per_caption.csv``."""
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        cols = [c for c in reader.fieldnames or [] if c not in ("id", "reference", "prediction")]
-        ids: list[str] = []
-        values: dict[str, list[float]] = {c: [] for c in cols}
-        for rowno, rec in enumerate(reader, start=2):
-            ids.append(rec["id"])
-            for c in cols:
-                try:
-                    values[c].append(float(rec[c]))
-                except (TypeError, ValueError) as e:
-                    raise EvaluationError(f"{path}, row {rowno}, column {c}: not a number: {rec[c]!r}") from e
+    try:
+        header, rows = read_csv_dicts(path)
+    except CsvError as e:
+        raise EvaluationError(str(e)) from None
+    cols = [c for c in header if c not in ("id", "reference", "prediction")]
+    ids: list[str] = []
+    values: dict[str, list[float]] = {c: [] for c in cols}
+    for rowno, rec in rows:
+        ids.append(rec.get("id", ""))
+        for c in cols:
+            try:
+                values[c].append(float(rec[c]))
+            except (TypeError, ValueError) as e:
+                raise EvaluationError(f"{path}, row {rowno}, column {c}: not a number: {rec[c]!r}") from e
     return ids, {c: np.asarray(v) for c, v in values.items()}
 
 

@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from medcap.data.tables import CsvError, decode_csv_bytes, iter_csv_records, read_csv_dicts
 from medcap.eval.metrics import MetricsConfig, score_captions
 from medcap.layout import EvalLayout
-
-csv.field_size_limit(sys.maxsize)  # real captions reach several thousand characters
 
 
 @dataclass(frozen=True)
@@ -110,24 +108,31 @@ def read_predictions(path: str | Path) -> dict[str, str]:
     if not path.is_file():
         raise EvaluationError(f"predictions file {path} does not exist")
     out: dict[str, str] = {}
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        for rowno, row in enumerate(csv.reader(f), start=1):
-            if rowno == 1 and row and row[0].strip().lower() == "id":
-                continue  # header, as the official checker treats it
-            if not row or all(not c.strip() for c in row):
-                raise EvaluationError(f"{path}, row {rowno}: blank line (the submission format allows none)")
-            if len(row) < 2:
-                raise EvaluationError(
-                    f"{path}, row {rowno}: expected '<image ID>,<caption>', got {','.join(row)!r}"
-                )
-            if len(row) > 2:
-                raise EvaluationError(
-                    f"{path}, row {rowno}: {len(row)} fields; quote captions that contain commas"
-                )
-            image_id, caption = row[0].strip(), row[1]
-            if image_id in out:
-                raise EvaluationError(f"{path}, row {rowno}: image ID {image_id!r} appears more than once")
-            out[image_id] = caption
+    try:
+        records = list(iter_csv_records(decode_csv_bytes(path.read_bytes(), str(path)), str(path)))
+    except CsvError as e:
+        raise EvaluationError(str(e)) from None
+    for rec in records:
+        row, rowno = rec.fields, rec.line
+        if rowno == 1 and row and row[0].strip().lower() == "id":
+            continue  # header, as the official checker treats it
+        if not row or all(not c.strip() for c in row):
+            raise EvaluationError(f"{path}, row {rowno}: blank line (the submission format allows none)")
+        problem = rec.problem()
+        if problem is not None:
+            raise EvaluationError(f"{path}, {problem}")
+        if len(row) < 2:
+            raise EvaluationError(
+                f"{path}, row {rowno}: expected '<image ID>,<caption>', got {','.join(row)!r}"
+            )
+        if len(row) > 2:
+            raise EvaluationError(
+                f"{path}, row {rowno}: {len(row)} fields; quote captions that contain commas"
+            )
+        image_id, caption = row[0].strip(), row[1]
+        if image_id in out:
+            raise EvaluationError(f"{path}, row {rowno}: image ID {image_id!r} appears more than once")
+        out[image_id] = caption
     return out
 
 
@@ -141,24 +146,26 @@ def read_references(path: str | Path) -> tuple[dict[str, str], dict[str, str]]:
         raise EvaluationError(f"references file {path} does not exist")
     captions: dict[str, str] = {}
     images: dict[str, str] = {}
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        fields = {(name or "").strip().lower(): name for name in reader.fieldnames or []}
-        if "id" not in fields or "caption" not in fields:
-            raise EvaluationError(
-                f"{path}: expected a header with ID and Caption columns (a ROCOv2 captions CSV or a "
-                f"prepared manifest.csv), found {reader.fieldnames}"
-            )
-        id_col, cap_col, img_col = fields["id"], fields["caption"], fields.get("image")
-        for rowno, rec in enumerate(reader, start=2):
-            image_id = (rec.get(id_col) or "").strip()
-            if not image_id:
-                raise EvaluationError(f"{path}, row {rowno}: empty ID")
-            if image_id in captions:
-                raise EvaluationError(f"{path}, row {rowno}: image ID {image_id!r} appears more than once")
-            captions[image_id] = rec.get(cap_col) or ""
-            if img_col and rec.get(img_col):
-                images[image_id] = rec[img_col]
+    try:
+        header, rows = read_csv_dicts(path)
+    except CsvError as e:
+        raise EvaluationError(str(e)) from None
+    fields = {name.strip().lower(): name for name in header}
+    if "id" not in fields or "caption" not in fields:
+        raise EvaluationError(
+            f"{path}: expected a header with ID and Caption columns (a ROCOv2 captions CSV or a "
+            f"prepared manifest.csv), found {header}"
+        )
+    id_col, cap_col, img_col = fields["id"], fields["caption"], fields.get("image")
+    for rowno, rec in rows:
+        image_id = (rec.get(id_col) or "").strip()
+        if not image_id:
+            raise EvaluationError(f"{path}, row {rowno}: empty ID")
+        if image_id in captions:
+            raise EvaluationError(f"{path}, row {rowno}: image ID {image_id!r} appears more than once")
+        captions[image_id] = rec.get(cap_col) or ""
+        if img_col and rec.get(img_col):
+            images[image_id] = rec[img_col]
     return captions, images
 
 

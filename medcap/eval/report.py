@@ -16,21 +16,22 @@ Any part may be missing: its section then says what is missing and how to produc
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import io
 import json
+import logging
 import random
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from medcap.config.loader import ConfigError
 from medcap.config.run import RunConfig, read_run_config
+from medcap.data.tables import CsvError, read_csv_dicts
 from medcap.layout import EvalLayout, PreparedLayout, RunLayout
 
-csv.field_size_limit(sys.maxsize)
+log = logging.getLogger("medcap.report")
 
 #: How many example captions the best / worst / random grids show.
 EXAMPLES_PER_GRID = 6
@@ -77,8 +78,8 @@ tr.primary td { font-weight: 700; background: #eef6ee; }
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+    """The rows of a run's CSV file through the one CSV reader (``CsvError`` names file and line)."""
+    return [row for _, row in read_csv_dicts(path)[1]]
 
 
 def _float(v: Any) -> float | None:
@@ -183,22 +184,33 @@ def _section_metrics(evals: dict[str, Path]) -> str:
         except ValueError as e:
             out.append(_missing(f"{mpath} is not valid JSON: {e}"))
             continue
+        if not isinstance(s, dict) or not isinstance(s.get("metrics") or {}, dict):
+            out.append(_missing(f"{mpath} is not a metrics summary (written by 'medcap evaluate')."))
+            continue
         out.append(
             f'<p class="note">Protocol <b>{_esc(s.get("protocol"))}</b>, {_esc(s.get("n"))} caption pairs'
             + (" (a subset of the references)" if s.get("subset") else "")
             + f"; 95% intervals from {_esc((s.get('bootstrap') or {}).get('samples', '?'))} bootstrap resamples.</p>"
         )
         out.append("<table><tr><th>metric</th><th>mean</th><th>95% CI</th><th></th></tr>")
+        unreadable = []
         for m, e in (s.get("metrics") or {}).items():
             role = "primary" if m == s.get("primary") else "secondary" if m == s.get("secondary") else ""
+            e = e if isinstance(e, dict) else {"mean": e}
+            mean = _float(e.get("mean"))
             ci = e.get("ci95")
-            ci_txt = f"{ci[0]:.4f} – {ci[1]:.4f}" if ci else "–"
+            bounds = [_float(c) for c in ci] if isinstance(ci, list | tuple) and len(ci) == 2 else []
+            ci_txt = f"{bounds[0]:.4f} – {bounds[1]:.4f}" if bounds and None not in bounds else "–"
+            if mean is None:
+                unreadable.append(m)
             cls = ' class="primary"' if role == "primary" else ""
             out.append(
-                f"<tr{cls}><td>{_esc(m)}</td><td class='num'>{e.get('mean', float('nan')):.4f}</td>"
+                f"<tr{cls}><td>{_esc(m)}</td><td class='num'>{'–' if mean is None else f'{mean:.4f}'}</td>"
                 f"<td class='num'>{ci_txt}</td><td>{role}</td></tr>"
             )
         out.append("</table>")
+        if unreadable:
+            out.append(_missing(f"{mpath}: no numeric mean for {', '.join(map(str, unreadable))}."))
         unavailable = s.get("unavailable") or {}
         if unavailable:
             out.append("<p class='note'><b>Not computed:</b></p><ul class='note'>")
@@ -219,7 +231,12 @@ def _section_curves(run: Path) -> str:
         out.append(_missing(f"{log} not found: no training curves (written by 'medcap train')."))
         out.append("</section>")
         return "\n".join(out)
-    rows = _read_csv(log)
+    try:
+        rows = _read_csv(log)
+    except CsvError as e:
+        out.append(_missing(f"{e}"))
+        out.append("</section>")
+        return "\n".join(out)
     train = [
         (s, v)
         for r in rows
@@ -333,7 +350,10 @@ def _section_data(prep: Path | None, per_caption: dict[str, list[dict[str, str]]
                     out.append(_missing(f"{sp} is not valid JSON."))
             mp = layout.manifest(split)
             if mp.is_file():
-                manifests[split] = _read_csv(mp)
+                try:
+                    manifests[split] = _read_csv(mp)
+                except CsvError as e:
+                    out.append(_missing(str(e)))
         if not stats:
             out.append(_missing(f"no {prep}/<split>/stats.json found (written by 'medcap data prepare')."))
     if stats:
@@ -475,7 +495,10 @@ def _section_examples(per_caption: dict[str, list[dict[str, str]]], prep: Path |
     images: dict[str, str] = {}
     manifest = PreparedLayout(prep).manifest(split) if prep is not None else None
     if manifest is not None and manifest.is_file():
-        images = {r["id"]: r.get("image", "") for r in _read_csv(manifest)}
+        try:
+            images = {r.get("id", ""): r.get("image", "") for r in _read_csv(manifest)}
+        except CsvError as e:
+            out.append(_missing(f"{e}: captions are shown without images."))
     else:
         out.append(
             _missing(
@@ -513,6 +536,20 @@ def _section_examples(per_caption: dict[str, list[dict[str, str]]], prep: Path |
 # Entry points
 
 
+def _section(title: str, build: Callable[..., str], *args: Any) -> str:
+    """One section, or what went wrong drawing it: a run's files are edited by hand and by other
+    versions, and one odd value must not cost the whole report."""
+    try:
+        return build(*args)
+    except Exception as e:  # noqa: BLE001 - reported on the page and in the log, the rest is drawn
+        log.warning("report: the %s section failed: %s", title, e, exc_info=True)
+        return (
+            f"<section><h2>{_esc(title)}</h2>"
+            + _missing(f"This section could not be drawn from the run's files: {type(e).__name__}: {e}")
+            + "</section>"
+        )
+
+
 def _find_evals(run: Path) -> dict[str, Path]:
     """The evaluated splits of a run, test first."""
     eval_dir = RunLayout(run).eval_dir
@@ -534,17 +571,21 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, seed: int =
     config = _load_config(run)
     prep = _prepared_dir(run, config)
     evals = _find_evals(run)
-    per_caption = {
-        s: _read_csv(EvalLayout(d).per_caption)
-        for s, d in evals.items()
-        if EvalLayout(d).per_caption.is_file()
-    }
+    per_caption: dict[str, list[dict[str, str]]] = {}
+    unreadable: list[str] = []
+    for s, d in evals.items():
+        if EvalLayout(d).per_caption.is_file():
+            try:
+                per_caption[s] = _read_csv(EvalLayout(d).per_caption)
+            except CsvError as e:
+                unreadable.append(str(e))
     body = [
-        _section_metrics(evals),
-        _section_curves(run),
-        _section_examples(per_caption, prep, seed),
-        _section_data(prep, per_caption),
-        _section_config(config, run),
+        "".join(f"<section>{_missing(m)}</section>" for m in unreadable),
+        _section("Metrics", _section_metrics, evals),
+        _section("Training", _section_curves, run),
+        _section("Example captions", _section_examples, per_caption, prep, seed),
+        _section("Data", _section_data, prep, per_caption),
+        _section("Run settings", _section_config, config, run),
     ]
     title = f"medcap report: {run.resolve().name}"
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())

@@ -18,14 +18,22 @@ Rows are physical line numbers, counting the header as row 1, as an editor shows
 from __future__ import annotations
 
 import csv
-import io
 import re
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from medcap.data.tables import MAX_FIELD_CHARS, CsvError, decode_csv_bytes, iter_csv_records
+
 HEADER = ("ID", "Caption")
+
+#: Largest submission read, as a file or inside its zip (checked from the zip's directory before
+#: anything is inflated). A real one is about 2 MB (10,000 captions); a 1 MB zip can hold 1 GiB.
+MAX_SUBMISSION_BYTES = 64 * 1024 * 1024
+
+#: First bytes of a zip archive (a local file header, or the end record of an empty archive).
+_ZIP_STARTS = (b"PK\x03\x04", b"PK\x05\x06")
 
 #: Every character Python's ``str.splitlines`` breaks on; none may appear inside a caption.
 _LINE_BREAKS = re.compile("[\r\n\v\f\x1c\x1d\x1e\x85\u2028\u2029]+")
@@ -141,23 +149,21 @@ def read_reference_ids(path: str | Path) -> list[tuple[str, int]]:
     if not path.is_file():
         raise FileNotFoundError(f"references file {path} does not exist")
     out: list[tuple[str, int]] = []
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            return out
-        lowered = [h.strip().lower() for h in header]
-        if "id" in lowered:
-            col = lowered.index("id")
-        else:
-            col = 0
-            if header and header[0].strip():
-                out.append((header[0].strip(), 1))
-        line = reader.line_num
-        for row in reader:
-            start, line = line + 1, reader.line_num
-            if row and len(row) > col and row[col].strip():
-                out.append((row[col].strip(), start))
+    records = iter_csv_records(decode_csv_bytes(path.read_bytes(), str(path)), str(path))
+    header = next(records, None)
+    if header is None:
+        return out
+    lowered = [h.strip().lower() for h in header.fields]
+    if "id" in lowered:
+        col = lowered.index("id")
+    else:
+        col = 0
+        if header.fields and header.fields[0].strip():
+            out.append((header.fields[0].strip(), 1))
+    for rec in records:
+        row = rec.fields
+        if row and len(row) > col and row[col].strip():
+            out.append((row[col].strip(), rec.line))
     return out
 
 
@@ -188,8 +194,15 @@ def inspect_submission(
     if not path.is_file():
         result.errors.append(f"{path}: file not found")
         return result
+    size = path.stat().st_size
+    if size > MAX_SUBMISSION_BYTES:
+        result.errors.append(
+            f"{path}: the file is {size:,} bytes; a submission is at most {MAX_SUBMISSION_BYTES:,} "
+            "(about 2 MB for 10,000 captions): is this the right file?"
+        )
+        return result
     raw = path.read_bytes()
-    if zipfile.is_zipfile(path):
+    if raw.startswith(_ZIP_STARTS):  # by content: a CSV may end in bytes that look like a zip's end record
         raw_or_error = _csv_from_zip(path)
         if isinstance(raw_or_error, str):
             result.errors.append(raw_or_error)
@@ -198,7 +211,11 @@ def inspect_submission(
     refs: list[tuple[str, int]] | None = None
     if references is not None:
         if isinstance(references, str | Path):
-            refs = read_reference_ids(references)
+            try:
+                refs = read_reference_ids(references)
+            except CsvError as e:
+                result.errors.append(f"references: {e}")
+                return result
         else:
             refs = [(str(r).strip(), i + 2) for i, r in enumerate(references)]
     _check_bytes(raw, refs, check_order, result)
@@ -206,14 +223,33 @@ def inspect_submission(
 
 
 def _csv_from_zip(path: Path) -> bytes | str:
-    with zipfile.ZipFile(path) as zf:
-        names = [n for n in zf.namelist() if not n.endswith("/")]
-        if names != ["submission.csv"]:
-            return (
-                f"{path}: the zip must hold exactly one file named submission.csv at its top level, "
-                f"found {names}"
-            )
-        return zf.read("submission.csv")
+    """The bytes of ``submission.csv`` inside a zip, or the error; never inflates more than
+    ``MAX_SUBMISSION_BYTES`` (the size is taken from the zip's directory, and reading stops there
+    even when the directory lies)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = [i for i in zf.infolist() if not i.is_dir()]
+            names = [i.filename for i in infos]
+            if names != ["submission.csv"]:
+                shown = names if len(names) <= 10 else [*names[:10], f"... {len(names) - 10} more"]
+                return (
+                    f"{path}: the zip must hold exactly one file named submission.csv at its top level, "
+                    f"found {shown}"
+                )
+            if infos[0].file_size > MAX_SUBMISSION_BYTES:
+                return (
+                    f"{path}: submission.csv inside the zip is {infos[0].file_size:,} bytes uncompressed; a "
+                    f"submission is at most {MAX_SUBMISSION_BYTES:,} (about 2 MB for 10,000 captions)"
+                )
+            with zf.open(infos[0]) as f:
+                data = f.read(MAX_SUBMISSION_BYTES + 1)
+            if len(data) > MAX_SUBMISSION_BYTES:
+                return (
+                    f"{path}: submission.csv inflates past {MAX_SUBMISSION_BYTES:,} bytes; not a submission"
+                )
+            return data
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, OSError) as e:
+        return f"{path}: starts like a zip archive but cannot be read as one ({e}); zip the CSV again"
 
 
 class _Collector:
@@ -271,16 +307,15 @@ def _check_bytes(
 
     # The csv module breaks records only at \r and \n; number rows the same way.
     physical = re.split(r"\r\n|\r|\n", text)
-    reader = csv.reader(io.StringIO(text, newline=""))
     seen: dict[str, int] = {}  # ID -> row
     data_ids: list[tuple[str, int]] = []
     empty_caption_rows: list[int] = []
     ref_index = {rid: (i, row) for i, (rid, row) in reversed(list(enumerate(refs or [])))}
-    line_end = 0
+    stopped_at: int | None = None
     header_done = False
     try:
-        for record in reader:
-            start, line_end = line_end + 1, reader.line_num
+        for rec in iter_csv_records(text, "submission"):
+            record, start, line_end = rec.fields, rec.line, rec.end_line
             where = f"row {start}" if line_end == start else f"rows {start}-{line_end}"
             if line_end > start:
                 errors.add(
@@ -307,6 +342,12 @@ def _check_bytes(
                     )
                     continue
             result.rows += 1
+            if rec.too_long is not None:
+                errors.add(
+                    "too-long",
+                    f"{where}: a field of {rec.too_long:,} characters, over the limit of {MAX_FIELD_CHARS:,} "
+                    "that CSV checkers read; shorten the caption",
+                )
             if len(record) != 2:
                 errors.add(
                     "columns",
@@ -348,13 +389,22 @@ def _check_bytes(
                 errors.add("unknown", f"{where}: ID {key} is not in the references")
                 continue
             data_ids.append((key, start))
-    except csv.Error as e:
-        errors.add("csv", f"row {line_end + 1}: the CSV cannot be parsed ({e})")
+    except CsvError as e:
+        stopped_at = e.line
+        errors.add("csv", f"row {e.line}: {e.reason} The rows from here on could not be read.")
 
-    if result.rows == 0 and not any(m.startswith("row 1: the file is empty") for m in result.errors):
+    if (
+        result.rows == 0
+        and stopped_at is None
+        and not any(m.startswith("row 1: the file is empty") for m in result.errors)
+    ):
         errors.add("no-rows", "the file has a header but no caption rows")
 
-    if refs is not None:
+    if refs is not None and stopped_at is not None:
+        result.errors.append(
+            f"missing IDs and their order were not checked: the file could not be read past row {stopped_at}"
+        )
+    elif refs is not None:
         missing = [(rid, row) for rid, row in refs if rid not in seen]
         missing = list(dict.fromkeys(missing))
         if missing:

@@ -135,19 +135,24 @@ def generate_token_ids(
 
 
 def model_image_reader(
-    family: ModelFamily, processor: Any, max_pixels: int | None = None
+    family: ModelFamily,
+    processor: Any,
+    max_pixels: int | None = None,
+    *,
+    max_decoded_bytes: int | None = None,
 ) -> Callable[..., Any]:
     """``read(source, name=None)``: the one image reader as training decoded (draft mode at the model's
     input side), refusing an image beyond the family's limits (Qwen-VL: aspect ratios over 200:1) with
     an ``ImageReadError`` of kind ``too_large`` that names the limit, so predict, caption and the
     service skip or refuse that one image instead of failing its whole batch."""
-    from medcap.data.images import DEFAULT_MAX_PIXELS, ImageReadError, read_image
+    from medcap.data.images import DEFAULT_MAX_DECODED_BYTES, DEFAULT_MAX_PIXELS, ImageReadError, read_image
 
     side = family.image_side(processor)
     limit = max_pixels or DEFAULT_MAX_PIXELS
+    decoded_limit = max_decoded_bytes or DEFAULT_MAX_DECODED_BYTES
 
     def read(source: Any, name: str | None = None) -> Any:
-        image = read_image(source, name, max_pixels=limit, min_size=side)
+        image = read_image(source, name, max_pixels=limit, min_size=side, max_decoded_bytes=decoded_limit)
         try:
             family.check_images(processor, [image])
         except ValueError as e:
@@ -281,8 +286,15 @@ def load_captioner(
         net, processor = build_model(cfg, verbose=verbose)
         if adapter_dir is not None:
             from peft import PeftModel
+            from safetensors import SafetensorError
 
-            net = PeftModel.from_pretrained(net, str(adapter_dir))
+            try:
+                net = PeftModel.from_pretrained(net, str(adapter_dir))
+            except SafetensorError as e:
+                raise ValueError(
+                    f"{adapter_dir}: the adapter weights are not a complete safetensors file ({e}); copy the "
+                    "adapter folder again"
+                ) from None
             net.eval()
         cap = Captioner(
             model=net,

@@ -8,6 +8,7 @@ import csv
 import json
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,40 +34,80 @@ def read_metrics(run_dir: Path | None) -> dict[str, dict[str, Any]]:
     out = {}
     for split, ev in RunLayout(run_dir).evals().items():
         try:
-            out[split] = json.loads(ev.metrics.read_text(encoding="utf-8"))
+            summary = json.loads(ev.metrics.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
             print(f"export: warning: skipping unreadable {ev.metrics}: {e}", file=sys.stderr)
+            continue
+        if not isinstance(summary, dict) or not isinstance(summary.get("metrics"), dict):
+            print(
+                f"export: warning: skipping {ev.metrics}: not written by 'medcap evaluate' (no 'metrics' "
+                "table); evaluate the predictions again to put them in the model card",
+                file=sys.stderr,
+            )
+            continue
+        out[split] = summary
     return out
 
 
-def _metric_rows(
-    metrics: dict[str, Any], prefix: str = ""
-) -> list[tuple[str, float, float | None, float | None]]:
-    """Flatten a metrics.json into ``(name, value, ci_low, ci_high)`` rows.
+@dataclass(frozen=True)
+class MetricRow:
+    """One evaluated metric of a split, as ``medcap evaluate`` wrote it."""
 
-    Numbers become rows; a mapping with ``mean`` (or ``value``/``score``) is one row, with its confidence
-    interval when it holds ``ci_low``/``ci_high`` (or ``ci: [low, high]``); other mappings are walked.
+    name: str
+    value: float
+    ci95: tuple[float, float] | None
+    """The bootstrap 95% interval of the mean (None for corpus-level figures, which have none)."""
+
+
+def metric_rows(summary: dict[str, Any]) -> list[MetricRow]:
+    """The metrics of a ``metrics.json`` written by ``medcap evaluate`` (``medcap.eval.evaluate``).
+
+    Only metrics: each entry of ``metrics`` (the mean of the per-caption scores and its ``ci95``)
+    and each corpus-level figure of ``corpus`` (corpus BLEU, no interval). The bookkeeping around
+    them (pair counts, bootstrap settings, file paths) is not a metric and is left out.
     """
     rows = []
-    for key, value in metrics.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, bool):
+    for name, entry in (summary.get("metrics") or {}).items():
+        mean = entry.get("mean") if isinstance(entry, dict) else None
+        if not isinstance(mean, int | float) or isinstance(mean, bool) or not math.isfinite(mean):
             continue
-        if isinstance(value, int | float):
-            if math.isfinite(value):
-                rows.append((name, float(value), None, None))
-        elif isinstance(value, dict):
-            central = next(
-                (value[k] for k in ("mean", "value", "score") if isinstance(value.get(k), int | float)), None
-            )
-            if central is not None:
-                low, high = value.get("ci_low"), value.get("ci_high")
-                if isinstance(value.get("ci"), list | tuple) and len(value["ci"]) == 2:
-                    low, high = value["ci"]
-                rows.append((name, float(central), low, high))
-            else:
-                rows.extend(_metric_rows(value, prefix=f"{name}."))
+        ci = entry.get("ci95")
+        ci95 = (float(ci[0]), float(ci[1])) if isinstance(ci, list | tuple) and len(ci) == 2 else None
+        rows.append(MetricRow(name, float(mean), ci95))
+    for name, value in (summary.get("corpus") or {}).items():
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            rows.append(MetricRow(name, float(value), None))
     return rows
+
+
+def _evaluation_lines(split: str, summary: dict[str, Any], rows: list[MetricRow]) -> list[str]:
+    """The card's section for one evaluated split: how it was scored, the metric table, the models
+    behind the model-based metrics and what could not be computed."""
+    boot = summary.get("bootstrap") or {}
+    how = f"protocol `{summary.get('protocol', '?')}`, {summary.get('n', '?')} caption pairs"
+    if summary.get("subset"):
+        how += f" (a subset of the {summary.get('n_references', '?')} references)"
+    if boot.get("samples"):
+        how += f"; 95% intervals from {boot['samples']} bootstrap resamples of the captions"
+    lines = [f"Split `{split}` (from `eval/{split}/metrics.json`): {how}.", ""]
+    lines += ["| metric | value | 95% CI |", "|---|---|---|"]
+    for row in rows:
+        ci = f"{row.ci95[0]:.4f} to {row.ci95[1]:.4f}" if row.ci95 else "(corpus level)"
+        lines.append(f"| {row.name} | {row.value:.4f} | {ci} |")
+    lines.append("")
+    names = {r.name for r in rows}
+    roles = [
+        f"{role} metric `{summary[role]}`" for role in ("primary", "secondary") if summary.get(role) in names
+    ]
+    if roles:
+        lines += [f"The protocol's {' and '.join(roles)}.", ""]
+    for metric, model in (summary.get("models") or {}).items():
+        lines.append(f"- {metric} computed with {model}")
+    for metric, reason in (summary.get("unavailable") or {}).items():
+        lines.append(f"- {metric} not computed: {reason}")
+    if summary.get("models") or summary.get("unavailable"):
+        lines.append("")
+    return lines
 
 
 def _detect_dataset(run_cfg: RunConfig) -> str:
@@ -184,7 +225,7 @@ def model_card(
     meta["tags"] = tags
     if dataset:
         meta["datasets"] = [dataset]
-    rows_by_split = {split: _metric_rows(m) for split, m in metrics.items()}
+    rows_by_split = {split: metric_rows(m) for split, m in metrics.items()}
     if any(rows_by_split.values()):
         results = []
         for split, rows in rows_by_split.items():
@@ -194,7 +235,7 @@ def model_card(
                 {
                     "task": {"type": "image-to-text", "name": "Radiology image captioning"},
                     "dataset": {"name": dataset or detected, "type": dataset or detected, "split": split},
-                    "metrics": [{"type": n, "name": n, "value": round(v, 6)} for n, v, _, _ in rows],
+                    "metrics": [{"type": r.name, "name": r.name, "value": round(r.value, 6)} for r in rows],
                 }
             )
         meta["model-index"] = [{"name": name, "results": results}]
@@ -319,22 +360,8 @@ def model_card(
     lines += ["## Evaluation", ""]
     if any(rows_by_split.values()):
         for split, rows in rows_by_split.items():
-            if not rows:
-                continue
-            lines += [
-                f"Split `{split}` (from `eval/{split}/metrics.json`):",
-                "",
-                "| metric | value | 95% CI |",
-                "|---|---|---|",
-            ]
-            for n, v, lo, hi in rows:
-                ci = (
-                    f"{lo:.4f} to {hi:.4f}"
-                    if isinstance(lo, int | float) and isinstance(hi, int | float)
-                    else ""
-                )
-                lines.append(f"| {n} | {v:.4f} | {ci} |")
-            lines.append("")
+            if rows:
+                lines += _evaluation_lines(split, metrics[split], rows)
     else:
         lines += ["No evaluation was found next to this checkpoint (RUN/eval/<split>/metrics.json).", ""]
 
@@ -352,4 +379,4 @@ def _cell(value: Any) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-__all__ = ["ROCOV2_HUB_ID", "ROCOV2_LICENSE", "model_card"]
+__all__ = ["ROCOV2_HUB_ID", "ROCOV2_LICENSE", "MetricRow", "metric_rows", "model_card"]

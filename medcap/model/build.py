@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import sys
 import threading
 import time
@@ -31,6 +32,7 @@ from medcap.model.adapters import apply_peft, count_parameters, scope_counts, se
 from medcap.model.cpu import cpu_has_native_half_matmul, upcast_frozen_linears_on_cpu
 from medcap.model.families import resolve_family
 from medcap.model.family import ModelFamily
+from medcap.model.hub import check_hub_model
 from medcap.model.quantize import DTYPES, pretrained_kwargs, quantize_in_memory
 from medcap.model.random_init import materialize_random, meta_model
 
@@ -49,6 +51,10 @@ def import_backends() -> None:
     """
     if "peft" in sys.modules and "transformers" in sys.modules:
         return
+    # bitsandbytes' CPU backend warns on every import that an optional hub kernel package
+    # ("kernels") is missing: noise to a medcap user (the built-in CPU path is used). Dropped by a
+    # filter on that one message, before the record (and its exception) exists.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_OptionalKernelNoise())
     failed: list[BaseException] = []
 
     def work() -> None:
@@ -63,6 +69,13 @@ def import_backends() -> None:
     thread.join()
     if failed:
         raise failed[0]
+
+
+class _OptionalKernelNoise(logging.Filter):
+    """Drops bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "gemm_4bit_forward from kernels-community" not in str(record.msg)
 
 
 def build_model(cfg: ModelConfig, verbose: bool = True, meta: bool = False) -> tuple[Any, Any]:
@@ -162,6 +175,7 @@ def _build_base(cfg: ModelConfig, family: ModelFamily, meta: bool) -> tuple[Any,
             model = random_model()
         return model, processor, "random"
     # Pretrained weights: a hub id (the real code path; nothing downloads in tests) or a folder.
+    check_hub_model(cfg.name_or_path)
     model = model_class.from_pretrained(cfg.name_or_path, **pretrained_kwargs(cfg, family.quant_skip))
     return model, family.pretrained_processor(cfg.name_or_path, model), "pretrained"
 

@@ -113,11 +113,24 @@ def _atomic_save(save_file, tensors: dict[str, torch.Tensor], path: Path) -> Non
     tmp.replace(path)
 
 
-def _copy_into(model, path: Path) -> None:
-    """Copy the tensors of a safetensors file into the parameters of the same (plain) names."""
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a damaged or cut-short file is a ``ValueError`` that names
+    it (safetensors raises its own error type, which callers would let through as a traceback)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    state = load_file(str(path))
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:
+        raise ValueError(
+            f"{path} is not a complete safetensors file ({e}); it was probably cut short (a full disk or an "
+            "interrupted copy): copy the checkpoint again, or use another one"
+        ) from None
+
+
+def _copy_into(model, path: Path) -> None:
+    """Copy the tensors of a safetensors file into the parameters of the same (plain) names."""
+    state = load_tensors(path)
     params = {_plain_name(n): p for n, p in model.named_parameters()}
     missing = [k for k in state if k not in params]
     if missing:
@@ -141,7 +154,6 @@ def load_trainable(model, directory: str | Path) -> None:
     PEFT adapter (``adapter/``), then the other trained parameters (``trainable.safetensors``).
     """
     from peft import PeftModel, set_peft_model_state_dict
-    from safetensors.torch import load_file
 
     directory = Path(directory)
     if (directory / "base.safetensors").is_file():
@@ -164,7 +176,7 @@ def load_trainable(model, directory: str | Path) -> None:
         weights = adapter / "adapter_model.safetensors"
         if not weights.is_file():
             raise FileNotFoundError(f"{adapter}: no adapter_model.safetensors")
-        result = set_peft_model_state_dict(model, load_file(str(weights)))
+        result = set_peft_model_state_dict(model, load_tensors(weights))
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
             raise ValueError(f"{adapter}: weights that fit no module of this model: {unexpected[:5]}")

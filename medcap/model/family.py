@@ -25,7 +25,7 @@ docs/ARCHITECTURE.md has the checklist for adding a family.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
@@ -172,4 +172,43 @@ def processor_image_side(processor: Any) -> int | None:
     return min(values) if values else None
 
 
-__all__ = ["Collator", "ModelFamily", "processor_image_side"]
+def processor_resizer(processor: Any) -> Callable[[Image.Image], Image.Image] | None:
+    """A function that resizes a PIL image the way the processor's image processor resizes it first
+    (to a fixed height x width with its own resample filter), or None when it does not work that way.
+
+    The caption service uses it to queue images at the model's input size instead of full size. It
+    is checked here on a sample image: the processor's pixel values from the resized image must equal
+    those from the original (its own resize is then a no-op), else None is returned, so using it can
+    never change what the model sees.
+    """
+    import numpy as np
+    from PIL import Image
+
+    images = getattr(processor, "image_processor", None)
+    size = getattr(images, "size", None)
+    if images is None or size is None or not hasattr(size, "get") or not getattr(images, "do_resize", False):
+        return None
+    height, width = size.get("height"), size.get("width")
+    if not height or not width:
+        return None
+    try:
+        resample = Image.Resampling(int(getattr(images, "resample", Image.Resampling.BICUBIC)))
+    except (TypeError, ValueError):
+        return None
+
+    def resize(image: Image.Image) -> Image.Image:
+        if image.size == (width, height):
+            return image
+        return image.resize((width, height), resample=resample)
+
+    rng = np.random.default_rng(0)
+    sample = Image.fromarray((rng.random((height + 37, width + 91, 3)) * 255).astype(np.uint8))
+    try:
+        direct = images(images=[sample], return_tensors="np")["pixel_values"]
+        early = images(images=[resize(sample)], return_tensors="np")["pixel_values"]
+    except Exception:  # noqa: BLE001 - a processor that cannot be called this way: do not resize early
+        return None
+    return resize if np.array_equal(np.asarray(direct), np.asarray(early)) else None
+
+
+__all__ = ["Collator", "ModelFamily", "processor_image_side", "processor_resizer"]

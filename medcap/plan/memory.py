@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medcap.model.family import ModelFamily
 from medcap.plan.gpus import GIB, GpuSpec
+
+if TYPE_CHECKING:
+    from medcap.config.model import ModelConfig
 
 
 @dataclass
@@ -58,7 +61,7 @@ def quantized_weight_bytes(numel: int, out_features: int, quantization: str) -> 
     raise ValueError(f"unknown quantization {quantization!r}")
 
 
-def _quantized_module_names(model: Any, model_cfg: Any, family: ModelFamily) -> set[str]:
+def _quantized_module_names(model: Any, model_cfg: ModelConfig, family: ModelFamily) -> set[str]:
     """Names of the Linear modules bitsandbytes replaces, by transformers' own rules."""
     import torch
     from transformers.quantizers.base import HfQuantizer
@@ -77,7 +80,7 @@ def _quantized_module_names(model: Any, model_cfg: Any, family: ModelFamily) -> 
     }
 
 
-def weight_bytes(model: Any, model_cfg: Any, family: ModelFamily) -> tuple[int, dict[str, int]]:
+def weight_bytes(model: Any, model_cfg: ModelConfig, family: ModelFamily) -> tuple[int, dict[str, int]]:
     """Total weight bytes and a breakdown by kind (``bf16``, ``fp32 (kept by the family)``, ``nf4`` ...)."""
     import torch
 
@@ -139,7 +142,7 @@ def component(name: str, family: ModelFamily) -> str:
     return "lm"
 
 
-def trainable_parameters(model: Any, model_cfg: Any, family: ModelFamily) -> Trainable:
+def trainable_parameters(model: Any, model_cfg: ModelConfig, family: ModelFamily) -> Trainable:
     """Count what ``build_model`` makes trainable, from module shapes alone."""
     from medcap.model.adapters import TRAIN_FLAGS, resolve_targets
 
@@ -207,7 +210,7 @@ class ActDtypes:
     mask_lora: int
 
 
-def act_dtypes(model_cfg: Any, mixed_precision: str, device: str) -> ActDtypes:
+def act_dtypes(model_cfg: ModelConfig, mixed_precision: str, device: str) -> ActDtypes:
     """Element sizes for ``model_cfg`` trained with ``mixed_precision`` (autocast) on ``device``."""
     weight = {"fp32": 4, "fp16": 2, "bf16": 2}[model_cfg.precision]
     quantized = model_cfg.quantization != "none"
@@ -235,7 +238,7 @@ def memory_for_batch(
     trainable: Trainable,
     weights: int,
     weights_by_kind: dict[str, int],
-    model_cfg: Any,
+    model_cfg: ModelConfig,
     optimizer: str,
     mixed_precision: str,
     gpu: GpuSpec,

@@ -7,11 +7,15 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medcap.model.family import ModelFamily
 from medcap.plan.gpus import DEFAULT_MFU, GIB, GPUS, GpuSpec
 from medcap.plan.memory import MemoryBreakdown, memory_for_batch, trainable_parameters, weight_bytes
+
+if TYPE_CHECKING:
+    from medcap.config.model import ModelConfig
+    from medcap.config.run import RunConfig
 
 
 @dataclass
@@ -102,7 +106,7 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def meta_model(model_cfg: Any) -> tuple[Any, ModelFamily]:
+def meta_model(model_cfg: ModelConfig) -> tuple[Any, ModelFamily]:
     """``(model, family)``: the model of ``model_cfg`` with every parameter on the meta device.
 
     Dtypes follow ``build_model`` (``precision``, the family's fp32 parts in fp32). No PEFT is applied
@@ -132,7 +136,7 @@ SHARED_VALID_CAPTIONS = (
 )
 
 
-def _caption_lengths(run_cfg: Any, tokenizer: Any) -> tuple[list[int], str]:
+def _caption_lengths(run_cfg: RunConfig, tokenizer: Any) -> tuple[list[int], str]:
     """Caption token counts: the config's training manifest if prepared, else the real ROCOv2
     validation captions shipped beside the repo, else none."""
     manifest = run_cfg.data.manifest(run_cfg.data.train_split)
@@ -166,7 +170,7 @@ def _lengths_of(path: str, mtime: int, limit: int | None, tokenizer: Any) -> tup
 
 
 def sequence_lengths(
-    run_cfg: Any, prefix_tokens: int, end_tokens: int, tokenizer: Any
+    run_cfg: RunConfig, prefix_tokens: int, end_tokens: int, tokenizer: Any
 ) -> tuple[int, float, int, str]:
     """(max LM length, mean LM length, training images, where the images count came from).
 
@@ -193,7 +197,7 @@ def sequence_lengths(
 
 
 def plan(
-    run_cfg: Any,
+    run_cfg: RunConfig,
     gpu: str,
     gpus: int = 1,
     batch_size: int | None = None,

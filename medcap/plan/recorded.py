@@ -7,23 +7,11 @@ from typing import Any
 
 # Recorded measurements on this CPU machine (2 cores, 24 GB), peak RSS of one bf16 LoRA (q,v r=16,
 # dropout 0.05) training step with random weights: benchmarks/bench_fullsize_cpu.py --measure-peak.
-# The test suite checks the planner against these numbers (within 15%).
+# The test suite checks the planner against these numbers (within 15%). Only measurements: the two
+# figures once quoted from issue 3 ("about 17 GB" for 6.7B, "8 GB" for 2.7B, caption length not
+# stated) were removed in issue 19; the same models at the same setting (batch 2, cap 64) are
+# measured below (18.15 GB and 9.48 GB, --measure-peak on the AVX-512 box).
 RECORDED_CPU_PEAKS: list[dict[str, Any]] = [
-    {
-        "model": "Salesforce/blip2-opt-6.7b",
-        "batch_size": 2,
-        "caption_cap": 64,
-        "peak_rss_bytes": 17.0e9,
-        "source": "issue 3: 'about 17 GB peak resident memory' for a LoRA q,v r=16 step at batch 2, measured on "
-        "this kind of machine by an earlier session (caption length not stated: the default cap is assumed)",
-    },
-    {
-        "model": "Salesforce/blip2-opt-2.7b",
-        "batch_size": 2,
-        "caption_cap": 64,
-        "peak_rss_bytes": 8.0e9,
-        "source": "issue 3: 'the 2.7B one takes about 3 s and 8 GB', same setting",
-    },
     {
         "model": "Salesforce/blip2-opt-2.7b",
         "batch_size": 2,

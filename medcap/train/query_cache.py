@@ -41,11 +41,16 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from medcap.model.adapters import unwrap
+
+if TYPE_CHECKING:
+    from medcap.config.data import DataConfig
+    from medcap.config.model import ModelConfig
+    from medcap.config.train import TrainConfig
 
 INDEX_NAME = "index.json"
 FORMAT_VERSION = 1
@@ -61,7 +66,10 @@ class FeatureCacheError(ValueError):
 
 
 def cache_refusal(
-    model_cfg: Any, data_cfg: Any = None, train_cfg: Any = None, lora_modules=None
+    model_cfg: ModelConfig,
+    data_cfg: DataConfig | None = None,
+    train_cfg: TrainConfig | None = None,
+    lora_modules=None,
 ) -> str | None:
     """Why a query cache cannot stand in for the vision side with these settings (None: it can).
 
@@ -116,7 +124,12 @@ def cache_refusal(
     )
 
 
-def check_cacheable(model_cfg: Any, data_cfg: Any = None, train_cfg: Any = None, lora_modules=None) -> None:
+def check_cacheable(
+    model_cfg: ModelConfig,
+    data_cfg: DataConfig | None = None,
+    train_cfg: TrainConfig | None = None,
+    lora_modules=None,
+) -> None:
     """Raise ``FeatureCacheError`` when ``cache_refusal`` has a reason."""
     reason = cache_refusal(model_cfg, data_cfg, train_cfg, lora_modules)
     if reason:
@@ -164,7 +177,7 @@ def vision_fingerprint(model: Any) -> str:
     return h.hexdigest()[:20]
 
 
-def cache_key(model: Any, processor: Any, model_cfg: Any) -> dict[str, Any]:
+def cache_key(model: Any, processor: Any, model_cfg: ModelConfig) -> dict[str, Any]:
     """Everything the cached values depend on, as a JSON-able dict (its hash names the cache)."""
     inner = unwrap(model)
     ip = processor.image_processor
@@ -255,7 +268,7 @@ class _ImageRows:
 def cache_query_embeddings(
     model: Any,
     processor: Any,
-    model_cfg: Any,
+    model_cfg: ModelConfig,
     rows_by_split: dict[str, list[Any]],
     out: str | Path,
     batch_size: int = 16,

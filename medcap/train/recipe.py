@@ -34,13 +34,13 @@ from typing import Any
 
 from medcap.config.loader import diff_configs, save_config
 from medcap.config.run import RunConfig, read_run_config
-from medcap.config.train import RESUME_MAY_DIFFER
+from medcap.config.train import RESUME_MAY_DIFFER, RESUME_MAY_DIFFER_SECTIONS
 from medcap.data.images import read_image
 from medcap.data.manifest import ManifestRow, read_manifest
 from medcap.layout import CheckpointLayout, RunLayout
 from medcap.train.batches import CaptionDataset, PassBatches, epoch_batches, eval_batches
 from medcap.train.errors import NonFiniteLossError, TrainingError
-from medcap.train.logs import RunLog
+from medcap.train.logs import RunLog, flat_hyperparameters
 from medcap.train.loss import batch_loss, label_token_count
 from medcap.train.optim import lr_lambda, make_optimizer
 from medcap.train.state import (
@@ -280,6 +280,10 @@ def setup(cfg: RunConfig) -> Run:
     progress = Progress()
     if last is not None:
         progress = _restore(accelerator, model, optimizer, scheduler, last)
+        if progress.stopped_early and (
+            tc.patience is None or progress.evals_without_improvement < tc.patience
+        ):
+            progress.stopped_early = False  # a raised (or removed) train.patience lets the run go on
     elif main:
         layout.root.mkdir(parents=True, exist_ok=True)
         save_config(cfg, layout.config)
@@ -308,12 +312,24 @@ def setup(cfg: RunConfig) -> Run:
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
         progress=progress,
-        log=RunLog(layout.root, main, tc.tensorboard, progress.step if last is not None else None),
+        log=RunLog(
+            layout,
+            main,
+            tc.report_to,
+            progress.step if last is not None else None,
+            flat_hyperparameters(cfg),
+            tc.tracker_project,
+        ),
         resumed=last is not None,
     )
     if last is not None:
         run.say(
             f"resumed from {last.root} at step {progress.step} (epoch {progress.epoch}, batch {progress.batch_in_epoch})"
+            + (
+                f"; training on to step {total_steps}"
+                if total_steps > progress.step
+                else "; nothing left to train"
+            )
         )
     run.say(
         f"training {len(train_rows)} images ({batches_per_epoch} global batches of {global_batch}, "
@@ -378,7 +394,11 @@ def _resume_point(accelerator: Any, layout: RunLayout, resume: bool) -> Checkpoi
 def check_resume(cfg: RunConfig, ckpt: CheckpointLayout, hashes: dict[str, dict[str, Any]]) -> None:
     """Refuse to resume from a checkpoint trained with other settings or other data, saying what differs."""
     saved = read_run_config(ckpt.root)
-    diffs = [d for d in diff_configs(saved, cfg) if d.split(":", 1)[0] not in RESUME_MAY_DIFFER]
+    diffs = [
+        d
+        for d in diff_configs(saved, cfg)
+        if d.split(":", 1)[0] not in RESUME_MAY_DIFFER and not d.startswith(RESUME_MAY_DIFFER_SECTIONS)
+    ]
     problems = [f"  config {d}" for d in diffs]
     saved_hashes = read_hashes(ckpt.data_hash)
     for split, h in hashes.items():

@@ -26,7 +26,7 @@ def test_main_job_end_to_end(tmp_path: Path, one_thread, capsys: pytest.CaptureF
     out = tmp_path / "demo"
     argv = ["run", "--out", str(out), "--n", "60", "--seed", "3"]
     argv += ["--train.max_steps", "3", "--train.batch_size", "8", "--data.num_workers", "0"]
-    argv += ["--train.tensorboard", "false", "--train.progress_bar", "false"]
+    argv += ["--train.report_to", "csv", "--train.progress_bar", "false"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "validation loss" in printed and "report:" in printed
@@ -53,5 +53,17 @@ def test_main_job_end_to_end(tmp_path: Path, one_thread, capsys: pytest.CaptureF
     html = (run / "report.html").read_text(encoding="utf-8")
     assert "<img" in html and "rouge" in html.lower()
 
-    # The same command again reuses the finished run instead of failing or training anew.
+    # The same command again reuses the finished run instead of failing or training anew: the
+    # phantoms are reused, training resumes at its last step and takes no step, and the weights and
+    # the training log stay as they were.
+    weights = {p: p.read_bytes() for p in sorted((run / "checkpoints").rglob("*.safetensors"))}
+    log = (run / "log.csv").read_text(encoding="utf-8")
+    assert (
+        weights and "\n3,0.5,train," in log and "\n3,0.5,valid," in log
+    )  # 3 steps of 6 batches: half an epoch
     assert main(argv) == 0
+    again = capsys.readouterr().out
+    assert "(reused: already there with these options)" in again
+    assert "resumed from" in again and "at step 3 " in again
+    assert (run / "log.csv").read_text(encoding="utf-8") == log
+    assert {p: p.read_bytes() for p in sorted((run / "checkpoints").rglob("*.safetensors"))} == weights

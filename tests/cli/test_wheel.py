@@ -53,6 +53,8 @@ def test_the_wheel_carries_the_configs_assets_and_web_page(wheel: Path) -> None:
 
 
 def test_the_wheel_in_a_new_venv_runs_the_demo_and_the_recipes_by_name(wheel: Path, tmp_path: Path) -> None:
+    # The new environment sees nothing of this one but the dependencies (.pth below): no PYTHONPATH.
+    run_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env = tmp_path / "env"
     venv.create(env, with_pip=True)
     py = env / "bin" / "python"
@@ -62,16 +64,18 @@ def test_the_wheel_in_a_new_venv_runs_the_demo_and_the_recipes_by_name(wheel: Pa
             capture_output=True,
             text=True,
             check=True,
+            env=run_env,
         ).stdout.strip()
     )
     # The dependencies come from this environment (nothing is downloaded); medcap itself only from the
     # wheel: a path added by a .pth file is not a site directory, so this environment's editable
     # medcap hook is not loaded there.
     (site / "medcap_test_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True)
+    subprocess.run(
+        [py, "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True, env=run_env
+    )
     work = tmp_path / "elsewhere"  # not a clone: no configs/ folder, no repo on the path
     work.mkdir()
-    run_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
 
     def medcap(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -109,8 +113,8 @@ def test_the_wheel_in_a_new_venv_runs_the_demo_and_the_recipes_by_name(wheel: Pa
         "4",
         "--data.num_workers",
         "0",
-        "--train.tensorboard",
-        "false",
+        "--train.report_to",
+        "csv",
         "--train.progress_bar",
         "false",
     )

@@ -16,13 +16,14 @@ from pydicom.pixels import get_decoder, pixel_array
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from medcap.data.images import ImageReadError, is_dicom_file, read_image
+from tests.fixtures import skip_missing
 
 
 def _testdata(name: str) -> str:
     """A DICOM file from pydicom or pydicom-data, never downloaded (no network here)."""
     path = get_testdata_file(name, download=False)
     if path is None:
-        pytest.skip(f"{name} is not installed (it comes with pydicom-data)")
+        skip_missing(f"{name} is not installed (it comes with pydicom-data)")
     return str(path)
 
 

@@ -20,13 +20,10 @@ from medcap.data.images import read_image
 from medcap.data.manifest import MANIFEST_COLUMNS, modality_from_cuis, read_manifest
 from medcap.data.prepare import prepare_dataset
 from medcap.data.tables import clean_caption
+from tests.fixtures import skip_missing
 
 SHARED = Path(__file__).resolve().parents[3] / "shared"
 VALID = SHARED / "data" / "rocov2-valid"
-needs_valid = pytest.mark.skipif(
-    not (VALID / "valid_captions.csv").is_file(),
-    reason=f"real ROCOv2 captions not found at {VALID} (a user's clone has no ../shared)",
-)
 
 
 def grey_array(seed: int, h: int = 48, w: int = 64) -> np.ndarray:
@@ -71,7 +68,7 @@ def real_rows(n: int) -> list[tuple[str, str]]:
 def real_valid(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[tuple[str, str]]]:
     """ROCOv2 release layout: real valid CSVs, images generated for ~320 of the IDs."""
     if not (VALID / "valid_captions.csv").is_file():
-        pytest.skip(f"real ROCOv2 captions not found at {VALID}")
+        skip_missing(f"real ROCOv2 captions not found at {VALID} (a user's clone has no ../shared)")
     root = tmp_path_factory.mktemp("rocov2")
     rows = real_rows(300)
     kinds = ["L", "grey-rgb", "color", "arrow"]
@@ -82,7 +79,6 @@ def real_valid(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[tup
     return root, rows
 
 
-@needs_valid
 def test_real_captions_prepare_reconciles(real_valid, tmp_path):
     root, rows = real_valid
     out = tmp_path / "prep"
@@ -131,7 +127,6 @@ def test_real_captions_prepare_reconciles(real_valid, tmp_path):
     assert meta["totals"] == {"rows_in": n_csv, "kept": stats["kept"], "skipped": stats["skipped"]}
 
 
-@needs_valid
 @pytest.mark.parametrize("policy", ["stored-rgb", "true-color"])
 def test_policies_on_real_subset(real_valid, tmp_path, policy):
     root, rows = real_valid

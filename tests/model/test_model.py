@@ -17,7 +17,7 @@ from medcap.model.build import build_model
 from medcap.model.checkpoint import load_checkpoint, save_trainable
 from medcap.model.families import BLIP2_OPT, resolve_family
 from medcap.model.families.blip2.architecture import resize_vision_positions
-from tests.fixtures import caption_collator
+from tests.fixtures import caption_collator, skip_missing
 
 
 @pytest.fixture(autouse=True)
@@ -380,7 +380,7 @@ def test_random_quantized_build_frees_the_16_bit_model_before_loading(monkeypatc
 
     reason = _bnb_cpu_reason()
     if reason:
-        pytest.skip(reason)
+        skip_missing(reason)
     original = Blip2ForConditionalGeneration.from_pretrained.__func__
     alive_at_load: list[int] = []
 
@@ -403,7 +403,7 @@ def test_random_quantized_build_frees_the_16_bit_model_before_loading(monkeypatc
 def test_quantized_tiny_takes_a_lora_step(quantization):
     reason = _bnb_cpu_reason()
     if reason:
-        pytest.skip(reason)
+        skip_missing(reason)
     import bitsandbytes as bnb
 
     cfg = tiny_cfg(quantization=quantization, peft=PeftSettings(targets="lm-all", r=4))

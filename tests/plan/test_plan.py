@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import csv
 import json
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from medcap import plan as plan_lib
 from medcap.cli.plan import cmd_plan
@@ -134,6 +136,95 @@ def test_activation_formula_matches_saved_tensors(tmp_path, regime):
     assert predicted == pytest.approx(measured, rel=0.03), (regime, predicted, measured)
 
 
+class _LiveTensorBytes(TorchDispatchMode):
+    """Bytes of the tensors that operators create under this mode and that are still alive, and
+    their peak: what a training step holds at its worst moment (forward, loss and backward on the
+    CPU all dispatch through it). Storages shared with parameters (transposed weight views) and
+    storages seen before are not counted twice; a storage counts until it is freed."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.params = {p.untyped_storage()._cdata for p in model.parameters()}
+        self.live: dict[int, int] = {}
+        self.now = self.peak = 0
+
+    def _freed(self, key: int) -> None:
+        self.now -= self.live.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = storage._cdata
+                if key in self.params or key in self.live:
+                    continue
+                self.live[key] = storage.nbytes()
+                self.now += storage.nbytes()
+                self.peak = max(self.peak, self.now)
+                weakref.finalize(storage, self._freed, key)
+        return out
+
+
+LOGIT_REGIMES = {
+    # name: (precision, mixed precision)
+    "bf16": ("bf16", "no"),
+    "fp32": ("fp32", "no"),
+    "fp32-autocast-bf16": ("fp32", "bf16"),
+}
+
+
+@pytest.mark.parametrize("regime", sorted(LOGIT_REGIMES))
+def test_logits_and_loss_term_matches_the_step_peak(tmp_path, regime):
+    """The planner's logits and loss term (the lm_head output, the fp32 log-probabilities the loss
+    keeps, their gradient and the logits' gradient, all b x s x vocab) against the peak of the
+    tensors a real training step holds (forward, ``token_loss_sum``, backward), at the real 50k
+    vocabulary on narrow layers and a batch where the logits are most of the step's memory: a
+    missing or wrong term fails here, as a wrong activation formula fails above."""
+    from PIL import Image
+
+    from medcap.model.build import build_model
+    from medcap.train.loss import token_loss_sum
+    from tests.fixtures import caption_collator
+
+    precision, mp = LOGIT_REGIMES[regime]
+    folder = _small_config(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["vocab_size"] = json.loads(CONFIG_67.read_text())["text_config"]["vocab_size"]
+    (folder / "config.json").write_text(json.dumps(config))
+    cfg = ModelConfig(
+        name_or_path=str(folder),
+        random_init=True,
+        precision=precision,
+        peft=PeftSettings(targets="lm-qv", dropout=0.05),
+    )
+    model, processor = build_model(cfg, verbose=False)
+    model.train()
+    b, cap = 4, 20
+    batch = caption_collator(processor, cfg, max_length=33 + cap + 1)(
+        [(Image.new("RGB", (64, 64)), "lung " * 80)] * b
+    )
+    labels = batch.pop("labels")
+    s = batch["input_ids"].shape[1]
+    if mp == "no":
+        batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+    mode = _LiveTensorBytes(model)
+    with mode:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mp == "bf16"):
+            out = model(**batch)
+        token_loss_sum(out.logits, labels, True).backward()
+        del out
+    measured = mode.peak
+
+    meta, family = plan_lib.meta_model(cfg)
+    trainable = trainable_parameters(meta, cfg, family)
+    acts, logits = family.plan_spec(meta).activation_bytes(
+        trainable, cfg, act_dtypes(cfg, mp, "cpu"), b, s, mp
+    )
+    assert logits > 0.75 * measured, (regime, logits, measured)  # the term matters at this batch
+    assert acts + logits == pytest.approx(measured, rel=0.05), (regime, acts, logits, measured)
+
+
 def _run_cfg(tmp_path: Path, **model_kw) -> RunConfig:
     data = _manifest(tmp_path, ["Axial CT of the chest showing a nodule in the right lower lobe."] * 4)
     train_kw = model_kw.pop("train", {})
@@ -224,6 +315,9 @@ def test_recorded_cpu_peaks_within_15_percent(tmp_path):
     if not plan_lib.RECORDED_CPU_PEAKS:
         pytest.fail("no recorded CPU peaks in medcap.plan.RECORDED_CPU_PEAKS")
     for rec in plan_lib.RECORDED_CPU_PEAKS:
+        assert rec["source"].startswith("measured"), (
+            rec
+        )  # measurements only, no figures quoted from elsewhere
         cfg = RunConfig(
             data=_manifest(tmp_path / rec["model"].replace("/", "_"), ["x"]),
             model=ModelConfig(

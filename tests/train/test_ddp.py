@@ -19,6 +19,7 @@ from tests.fixtures import (
     free_port,
     make_prepared,
     one_thread,
+    skip_missing,
     tiny_overrides,
 )
 
@@ -33,8 +34,9 @@ def _rows(run: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-@pytest.mark.skipif(not ACCELERATE.is_file(), reason="the accelerate command is not installed next to python")
 def test_two_cpu_processes_match_one_with_the_same_global_batch(tmp_path: Path) -> None:
+    if not ACCELERATE.is_file():
+        skip_missing(f"the accelerate command is not installed next to python ({ACCELERATE})")
     prepared = make_prepared(tmp_path / "prep", n_train=16, n_valid=6, seed=5)
     # Dropout off, so that the only difference between the runs is how the batch is split.
     arch = dropout_free_tiny(tmp_path / "arch")

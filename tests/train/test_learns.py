@@ -48,7 +48,7 @@ OVERRIDES = {
     "train.num_sample_captions": 2,
     "train.log_every": 50,
     "train.progress_bar": "false",
-    "train.tensorboard": "false",
+    "train.report_to": "csv",
     "generate.max_new_tokens": 40,
 }
 

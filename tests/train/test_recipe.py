@@ -44,7 +44,7 @@ def test_logs_checkpoints_and_early_stopping(prepared: Path, tmp_path: Path) -> 
     cfg = load_run_config(
         None,
         tiny_overrides(
-            prepared, run, epochs=20, eval_every=2, patience=2, min_delta=100.0, tensorboard="true"
+            prepared, run, epochs=20, eval_every=2, patience=2, min_delta=100.0, report_to="tensorboard,csv"
         ),
     )
     result = fit(cfg)

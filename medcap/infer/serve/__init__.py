@@ -18,9 +18,16 @@ Endpoints::
 
 Every user mistake gets a 4xx JSON body ``{"error": CODE, "detail": MESSAGE, "field": NAME}``:
 request too large (413), too many images (400), no or empty file (400), unsupported format (415),
-undecodable image (422), too many pixels (413), bad or unknown option (422), missing token (401),
-queue full (503). Nothing a user sends is used as a file path: uploaded file names are only
-echoed back, sanitised.
+undecodable image (422), too many pixels or too costly to decode (413, from the header: decoded
+bytes, progressive-JPEG scans, a deflated DICOM's size), bad or unknown option (422), missing token
+(401), a stalled body (408), queue full (503). Nothing a user sends is used as a file path: uploaded
+file names are only echoed back, sanitised.
+
+Hostile input is bounded, not only refused: large decodes take at most ``max_concurrent_decodes``
+threads and all decodes together at most ``decode_budget_bytes`` of estimated memory (small images
+have threads of their own and go first); images wait for the model at its input size; a client that
+leaves stops its work and is logged as a 499, not an error; connections that do not finish their
+headers in ``header_timeout_s`` are closed.
 
 Example::
 
@@ -31,9 +38,10 @@ FastAPI's own /docs page loads Swagger UI's JavaScript from a CDN, which a hospi
 offline machine cannot reach; /docs here serves the same Swagger UI from the swagger-ui-bundle
 package instead, so the API documentation works offline.
 
-Modules: ``app`` (the FastAPI app and its routes), ``batcher`` (the batching worker), ``uploads``
-(checking and decoding uploads with the one image reader), ``schemas`` (limits, options, bodies,
-errors), ``loading`` (what to serve).
+Modules: ``app`` (the FastAPI app and its routes), ``batcher`` (the batching worker), ``gate`` (the
+decode budget), ``uploads`` (checking and decoding uploads with the one image reader), ``schemas``
+(limits, options, bodies, errors), ``loading`` (what to serve), ``server`` (uvicorn with a header
+timeout).
 """
 
 from medcap.infer.serve.app import create_app

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hmac
 import logging
 import time
@@ -24,11 +25,14 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
 
 import medcap
 from medcap.config.generate import GenerateConfig
-from medcap.data.images import SUPPORTED_FORMATS
+from medcap.data.images import SUPPORTED_FORMATS, plain_message
 from medcap.infer.serve.batcher import Batcher, CaptionFn, ServeMetrics
+from medcap.infer.serve.gate import DecodeGate
 from medcap.infer.serve.schemas import (
     GENERATION_FIELDS,
     BatchSettings,
@@ -40,7 +44,13 @@ from medcap.infer.serve.schemas import (
     error_response,
     parse_options,
 )
-from medcap.infer.serve.uploads import decode_upload, png_data_url, sanitize_filename
+from medcap.infer.serve.uploads import (
+    DecodedUpload,
+    check_upload,
+    decode_upload,
+    reduce_for_queue,
+    sanitize_filename,
+)
 
 log = logging.getLogger("medcap.serve")
 
@@ -60,6 +70,9 @@ class Service:
     batcher: Batcher
     metrics: ServeMetrics
     read: Callable[[bytes, str], Any]
+    shrink: Callable[[Any], Any]
+    """Takes a decoded image to the size it waits in the queue at (the model's input size)."""
+    gate: DecodeGate
 
 
 def _service(request: Request) -> Service:
@@ -75,11 +88,16 @@ class BodyTooLarge(Exception):
     """The request body went past ``ServeLimits.max_request_bytes``."""
 
 
-class BodyLimitMiddleware:
-    """Refuses bodies over ``limit`` bytes: at once from Content-Length, or while streaming."""
+class BodyTimeout(Exception):
+    """The client stopped sending the request body for longer than ``ServeLimits.body_timeout_s``."""
 
-    def __init__(self, app, limit: int) -> None:
-        self.app, self.limit = app, limit
+
+class BodyLimitMiddleware:
+    """Refuses bodies over ``limit`` bytes (at once from Content-Length, or while streaming) and
+    bodies that stall for more than ``idle_timeout_s`` between two chunks (408)."""
+
+    def __init__(self, app, limit: int, idle_timeout_s: float = 30.0) -> None:
+        self.app, self.limit, self.idle_timeout_s = app, limit, idle_timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -98,14 +116,21 @@ class BodyLimitMiddleware:
                     )
                     return await response(scope, receive, send)
         seen = 0
+        body_done = False
 
         async def limited_receive():
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, body_done
+            if body_done:  # later calls only wait for the client to go away: no time limit
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.idle_timeout_s)
+            except asyncio.TimeoutError:  # not an alias of TimeoutError before Python 3.11
+                raise BodyTimeout() from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
                     raise BodyTooLarge()
+                body_done = not message.get("more_body", False)
             return message
 
         return await self.app(scope, limited_receive, send)
@@ -149,10 +174,48 @@ async def on_body_too_large(request: Request, exc: BodyTooLarge) -> JSONResponse
     )
 
 
+async def on_body_timeout(request: Request, exc: BodyTimeout) -> JSONResponse:
+    service = _service(request)
+    service.metrics.errors[408] += 1
+    return error_response(
+        408,
+        "request_timeout",
+        f"the request body stalled for more than {service.limits.body_timeout_s:g} s; send it again",
+        headers={"Connection": "close"},
+    )
+
+
 async def on_internal_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("internal error on %s", request.url.path)
     _service(request).metrics.errors[500] += 1
-    return error_response(500, "internal_error", f"the service failed: {type(exc).__name__}: {exc}")
+    return error_response(
+        500, "internal_error", f"the service failed: {type(exc).__name__}: {plain_message(exc)}"
+    )
+
+
+def client_gone(request: Request, started: float, when: str) -> Response:
+    """A client that closed its connection: a 499-style log line (nginx's "client closed request"),
+    not an error of the service; nobody reads the answer."""
+    service = _service(request)
+    service.metrics.disconnects += 1
+    client = f"{request.client.host}:{request.client.port}" if request.client else "a client"
+    log.info(
+        '%s - "%s %s" 499 client closed the request %s (after %.0f ms)',
+        client,
+        request.method,
+        request.url.path,
+        when,
+        (time.perf_counter() - started) * 1000.0,
+    )
+    return Response(status_code=499)
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    """Returns once the client has gone (call after the body has been read)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
 
 
 def check_token(request: Request) -> None:
@@ -209,7 +272,7 @@ async def get_metrics(request: Request) -> dict[str, Any]:
     """Request and batching counters."""
     check_token(request)
     s = _service(request)
-    return s.metrics.as_dict(s.batcher.waiting)
+    return {**s.metrics.as_dict(s.batcher.waiting), "decoding": s.gate.as_dict()}
 
 
 async def _read_form(
@@ -247,13 +310,21 @@ async def _read_form(
     return uploads, fields, form
 
 
-async def captions(request: Request) -> dict[str, Any]:
-    """Caption one or more images (``POST /v1/captions``, multipart)."""
+async def captions(request: Request) -> Any:
+    """Caption one or more images (``POST /v1/captions``, multipart).
+
+    The images are decoded and captioned in a task of their own while this handler watches the
+    connection: a client that goes away stops the work (decodes not yet started are skipped, queued
+    images are dropped before the model sees them) and is logged as a 499, not as an error.
+    """
     t0 = time.perf_counter()
     check_token(request)
     s = _service(request)
     s.metrics.requests += 1
-    uploads, fields, form = await _read_form(request, s.limits)
+    try:
+        uploads, fields, form = await _read_form(request, s.limits)
+    except ClientDisconnect:
+        return client_gone(request, t0, "while sending it")
     try:
         gen, opts = parse_options(fields, s.gen_defaults, s.limits)
         if not uploads:
@@ -270,40 +341,61 @@ async def captions(request: Request) -> dict[str, Any]:
                 f"{len(uploads)} images in one request; the limit is {s.limits.max_images}",
                 "files",
             )
-        decoded = []
-        for i, up in enumerate(uploads):
-            name = sanitize_filename(up.filename, i)
-            data = await up.read()
-            t_dec = time.perf_counter()
-            image, fmt = await anyio.to_thread.run_sync(
-                decode_upload, data, name, i, s.limits.max_pixels, s.read
-            )
-            # The preview (a PNG encode) is made off the event loop too.
-            preview = await anyio.to_thread.run_sync(png_data_url, image) if opts.preview else None
-            decoded.append((name, image, fmt, preview, (time.perf_counter() - t_dec) * 1000.0))
+        work = asyncio.ensure_future(_caption_uploads(s, uploads, gen, opts.preview, t0))
+        gone = asyncio.ensure_future(wait_for_disconnect(request))
+        try:
+            done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # the server is shutting down
+            work.cancel()
+            gone.cancel()
+            raise
+        gone.cancel()
+        if work in done:
+            return work.result()
+        work.cancel()
+        await asyncio.gather(work, return_exceptions=True)
+        return client_gone(request, t0, "while its images were decoded or captioned")
     finally:
         await form.close()
+
+
+async def _caption_uploads(
+    s: Service, uploads: list[UploadFile], gen: GenerateConfig, preview: bool, t0: float
+) -> dict[str, Any]:
+    """Check, decode (through the decode gate) and caption the uploads of one request."""
+    decoded: list[DecodedUpload] = []
+    for i, up in enumerate(uploads):
+        name = sanitize_filename(up.filename, i)
+        data = await up.read()
+        header = await anyio.to_thread.run_sync(check_upload, data, name, i, s.limits)
+        decoded.append(
+            await s.gate.run(
+                header.decode_peak_bytes, decode_upload, data, name, i, header, s.read, s.shrink, preview
+            )
+        )
     t_queued = time.perf_counter()
-    futures = s.batcher.submit([d[1] for d in decoded], gen)
+    futures = s.batcher.submit([d.image for d in decoded], gen)
     try:
         outcomes = await asyncio.gather(*futures)
     except Exception as e:  # the worker has logged the traceback
         raise ServeError(
-            500, "generation_failed", f"the model failed on this request: {type(e).__name__}: {e}"
+            500,
+            "generation_failed",
+            f"the model failed on this request: {type(e).__name__}: {plain_message(e)}",
         ) from None
     results = []
-    for i, ((name, image, fmt, preview, decode_ms), out) in enumerate(zip(decoded, outcomes, strict=True)):
+    for i, (d, out) in enumerate(zip(decoded, outcomes, strict=True)):
         results.append(
             {
                 "index": i,
-                "filename": name,
+                "filename": d.name,
                 "caption": out["caption"],
-                "format": fmt,
-                "width": image.width,
-                "height": image.height,
-                "preview": preview,
+                "format": d.format,
+                "width": d.width,
+                "height": d.height,
+                "preview": d.preview,
                 "timings": {
-                    "decode_ms": round(decode_ms, 3),
+                    "decode_ms": round(d.decode_ms, 3),
                     "queue_ms": round(out["queue_ms"], 3),
                     "generate_ms": round(out["generate_ms"], 3),
                     "batch_size": out["batch_size"],
@@ -386,12 +478,22 @@ def create_app(
     batching = batching or BatchSettings()
     if caption_fn is None:
         from medcap.infer.generate import caption_images as caption_fn
-    if read_image_fn is None:
-        from medcap.infer.generate import model_image_reader
-        from medcap.model.families import family_of
+    from medcap.infer.generate import model_image_reader
+    from medcap.model.families import family_of
+    from medcap.model.family import processor_resizer
 
-        # Images beyond the family's limits are refused per upload (422, the limit named).
-        read_image_fn = model_image_reader(family_of(model), processor, limits.max_pixels)
+    family = family_of(model)
+    side = family.image_side(processor)
+    if read_image_fn is None:
+        # Images beyond the reader's or the family's limits are refused per upload (422, the
+        # limit named).
+        read_image_fn = model_image_reader(
+            family, processor, limits.max_pixels, max_decoded_bytes=limits.max_decoded_bytes
+        )
+    # Queued images wait at the model's input size: resized exactly as the processor would (then its
+    # own resize is a no-op), else box-reduced towards it.
+    shrink = processor_resizer(processor) or functools.partial(reduce_for_queue, model_side=side)
+    gate = DecodeGate(limits.max_concurrent_decodes, limits.decode_budget_bytes)
 
     def run_model(images: list, gen: GenerateConfig) -> list[str]:
         import torch
@@ -418,6 +520,7 @@ def create_app(
             except (asyncio.CancelledError, Exception):
                 pass
             batcher.close()
+            gate.close()
 
     app = FastAPI(
         title="medcap caption service",
@@ -428,16 +531,24 @@ def create_app(
         redoc_url=None,
     )
     app.state.service = Service(
-        gen_defaults, prompt, dict(info or {}), limits, batching, token, batcher, metrics, read_image_fn
+        gen_defaults,
+        prompt,
+        dict(info or {}),
+        limits,
+        batching,
+        token,
+        batcher,
+        metrics,
+        read_image_fn,
+        shrink,
+        gate,
     )
-    # Kept for callers (tests, benchmarks) that read them directly.
-    app.state.metrics, app.state.batcher = metrics, batcher
-    app.state.limits, app.state.batching = limits, batching
 
     app.add_exception_handler(ServeError, on_serve_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(BodyTooLarge, on_body_too_large)
+    app.add_exception_handler(BodyTimeout, on_body_timeout)
     app.add_exception_handler(Exception, on_internal_error)
 
     app.add_api_route("/", index, include_in_schema=False)
@@ -455,11 +566,13 @@ def create_app(
         methods=["POST"],
         summary="Caption one or more images",
         response_model=CaptionResponse,
-        responses={s: {"model": ErrorBody} for s in (400, 401, 413, 415, 422, 503)},
+        responses={s: {"model": ErrorBody} for s in (400, 401, 408, 413, 415, 422, 503)},
         openapi_extra=_openapi_body(),
     )
     # The body limit wraps everything, so a huge upload is refused before it is read.
-    app.add_middleware(BodyLimitMiddleware, limit=limits.max_request_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware, limit=limits.max_request_bytes, idle_timeout_s=limits.body_timeout_s
+    )
     return app
 
 

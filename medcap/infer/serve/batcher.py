@@ -40,6 +40,8 @@ class ServeMetrics:
     batches: int = 0
     batch_sizes: Counter = field(default_factory=Counter)
     errors: Counter = field(default_factory=Counter)
+    disconnects: int = 0
+    """Requests whose client went away before the answer (logged as 499; not errors)."""
     generate_seconds: float = 0.0
 
     def as_dict(self, queue_depth: int) -> dict[str, Any]:
@@ -52,6 +54,7 @@ class ServeMetrics:
             "max_batch_size": max(self.batch_sizes, default=0),
             "mean_batch_size": round(self.images_in_batches / self.batches, 3) if self.batches else 0.0,
             "errors": {str(k): v for k, v in sorted(self.errors.items())},
+            "disconnects": self.disconnects,
             "generate_seconds": round(self.generate_seconds, 4),
             "queue_depth": queue_depth,
         }
@@ -146,7 +149,7 @@ class Batcher:
                 break
             try:
                 self.pending.append(await asyncio.wait_for(self.queue.get(), remaining))
-            except TimeoutError:
+            except asyncio.TimeoutError:  # an alias of TimeoutError from Python 3.11; not on 3.10
                 break
             self._drain()
         batch: list[_Item] = []

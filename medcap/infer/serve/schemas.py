@@ -4,13 +4,14 @@ response bodies, and the error every refusal is."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from medcap.config.generate import GenerateConfig
+from medcap.config.generate import MIN_REPETITION_PENALTY, MIN_TEMPERATURE, GenerateConfig
+from medcap.infer.serve.gate import default_decode_slots
 
 
 @dataclass
@@ -29,7 +30,25 @@ class ServeLimits:
     max_beams: int = 8
     """Upper bound on the ``num_beams`` option (memory grows with beams x batch)."""
     max_queue_images: int = 256
-    """Images waiting for the model before new requests get 503 (back-pressure)."""
+    """Images waiting for the model before new requests get 503 (back-pressure). Queued images are
+    reduced towards the model's input size first, so the queue never holds full-size images."""
+    max_decoded_bytes: int = 160 * 1024 * 1024
+    """Largest decoded frame of one image in bytes (width x height x bytes per pixel as decoded,
+    read from the header): a 40-megapixel 8-bit colour image fits, a 35 KB PNG that expands to
+    gigabytes does not (413)."""
+    decode_budget_bytes: int = 1024 * 1024 * 1024
+    """Memory all decodes in flight may take together, by each image's estimate from its header;
+    further uploads wait for their turn (cheap images first)."""
+    max_concurrent_decodes: int = field(default_factory=default_decode_slots)
+    """Large images (over 64 MiB by their estimate) decoded at the same time, each in a decoding
+    thread; default half the cores. Small images have threads of their own and go first."""
+    header_timeout_s: float = 10.0
+    """A connection whose request headers are not complete this long after it opened (or after the
+    previous response) is closed."""
+    body_timeout_s: float = 30.0
+    """Longest pause while a request body is being sent before the request gets 408."""
+    keep_alive_s: float = 5.0
+    """An idle kept-alive connection is closed after this long."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -39,9 +58,15 @@ class ServeLimits:
             "max_new_tokens",
             "max_beams",
             "max_queue_images",
+            "max_decoded_bytes",
+            "decode_budget_bytes",
+            "max_concurrent_decodes",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"ServeLimits.{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("header_timeout_s", "body_timeout_s", "keep_alive_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"ServeLimits.{name} must be positive, got {getattr(self, name)}")
 
 
 @dataclass
@@ -74,10 +99,14 @@ class CaptionOptions(BaseModel):
     do_sample: bool | None = Field(None, description="sample instead of greedy/beam decoding")
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False, description="nucleus sampling mass")
     temperature: float | None = Field(
-        None, gt=0, le=10, allow_inf_nan=False, description="sampling temperature"
+        None, ge=MIN_TEMPERATURE, le=10, allow_inf_nan=False, description="sampling temperature"
     )
     repetition_penalty: float | None = Field(
-        None, gt=0, le=10, allow_inf_nan=False, description="penalty for repeated tokens (1 = none)"
+        None,
+        ge=MIN_REPETITION_PENALTY,
+        le=10,
+        allow_inf_nan=False,
+        description="penalty for repeated tokens (1 = none)",
     )
     no_repeat_ngram_size: int | None = Field(
         None, ge=0, le=16, description="forbid repeating n-grams (0 = off)"

@@ -1,16 +1,21 @@
 """Uploaded images: display-safe names, checks from the header before decoding, decoding with the
-one image reader (``medcap.data.images``), and previews."""
+one image reader (``medcap.data.images``), previews, and the reduced copy that waits for the model."""
 
 from __future__ import annotations
 
 import base64
 import io
 import re
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from medcap.data.images import ImageReadError, image_header
-from medcap.infer.serve.schemas import ServeError
+from medcap.data.images import ImageHeader, ImageReadError, image_header, plain_message
+from medcap.infer.serve.schemas import ServeError, ServeLimits
+
+#: The side queued images are reduced towards when the model does not say its own.
+DEFAULT_QUEUE_SIDE = 224
 
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._\- ()+]")
 
@@ -25,45 +30,115 @@ def sanitize_filename(name: str | None, index: int) -> str:
     return base[:100] or f"image{index}"
 
 
-def decode_upload(
-    data: bytes, name: str, index: int, max_pixels: int, read: Callable[[bytes, str], Any]
-) -> tuple[Any, str]:
-    """Check one upload from its header, then decode it with ``read``; runs in a worker thread.
+def check_upload(data: bytes, name: str, index: int, limits: ServeLimits) -> ImageHeader:
+    """Check one upload from its header, before anything is decoded; runs in a worker thread.
 
     Refusals: empty (400), not an image the reader takes (415), more than ``max_pixels`` per
-    frame (413, before any pixel is decoded), undecodable (422). Returns ``(image, format)``.
+    frame or a decoded frame over ``max_decoded_bytes`` or a decode that could never fit the decode
+    budget, or a decoding-time bomb (413), a damaged header (422). Returns the header.
     """
     label = f"files[{index}]"
     if not data:
         raise ServeError(400, "empty_file", f"{name}: the file is empty", label)
     try:
-        fmt, w, h, _frames = image_header(data, name)
+        header = image_header(data, name)
     except ImageReadError as e:
         if e.kind == "unsupported":
+            why = (
+                e.reason.removeprefix("is ")
+                if e.reason.startswith("is a ")
+                else "its first bytes are no image signature"
+            )
             raise ServeError(
                 415,
                 "unsupported_format",
-                f"{name}: not an image this service reads (JPEG, PNG, TIFF, BMP, WebP or DICOM): {e.reason}",
+                f"{name}: not a JPEG, PNG, TIFF, BMP, WebP or DICOM file ({why})",
                 label,
             ) from None
+        if e.kind == "too_large":
+            raise ServeError(413, "decode_limit", f"{name}: {e}", label) from None
         raise ServeError(422, "unreadable_image", f"{name}: {e.reason}", label) from None
+    w, h = header.width, header.height
     # Per frame, as the reader decodes only one frame of a multi-frame DICOM.
-    if w * h > max_pixels:
+    if w * h > limits.max_pixels:
         raise ServeError(
             413,
             "too_many_pixels",
-            f"{name}: {w}x{h} = {w * h:,} pixels; the limit is {max_pixels:,} (downscale it)",
+            f"{name}: {w}x{h} = {w * h:,} pixels; the limit is {limits.max_pixels:,} (downscale it)",
             label,
         )
+    if (
+        header.decoded_bytes > limits.max_decoded_bytes
+        or header.decode_peak_bytes > limits.decode_budget_bytes
+    ):
+        raise ServeError(
+            413,
+            "decode_limit",
+            f"{name}: {w}x{h} at {header.bytes_per_pixel} bytes per pixel takes "
+            f"{header.decoded_bytes / 2**20:,.0f} MiB once decoded; the limit is "
+            f"{limits.max_decoded_bytes / 2**20:,.0f} MiB (downscale it, or send 8-bit samples)",
+            label,
+        )
+    return header
+
+
+@dataclass
+class DecodedUpload:
+    """One decoded upload, as it waits for the model: the image reduced towards the model's input
+    size (the full-size decode never leaves the decoding thread), with what the answer reports."""
+
+    name: str
+    format: str
+    width: int
+    height: int
+    image: Any
+    preview: str | None
+    decode_ms: float
+
+
+def decode_upload(
+    data: bytes,
+    name: str,
+    index: int,
+    header: ImageHeader,
+    read: Callable[[bytes, str], Any],
+    shrink: Callable[[Any], Any],
+    preview: bool,
+) -> DecodedUpload:
+    """Decode a checked upload with ``read`` (the one image reader), make its preview, and ``shrink``
+    it for the queue; runs in a decoding thread. Undecodable: 422; over a limit found while decoding
+    (a deflated DICOM's size, a JPEG frame's scans): 413."""
+    label = f"files[{index}]"
+    t0 = time.perf_counter()
     try:
         image = read(data, name)
     except ImageReadError as e:
+        if e.kind == "too_large":
+            raise ServeError(413, "decode_limit", f"{name}: {e}", label) from None
         raise ServeError(422, "unreadable_image", f"{name}: {e}", label) from None
     except Exception as e:  # a decoder bug on hostile input is still the file's fault
         raise ServeError(
-            422, "unreadable_image", f"{name}: could not decode the {fmt} image: {e}", label
+            422,
+            "unreadable_image",
+            f"{name}: could not decode the {header.format} image: {plain_message(e)}",
+            label,
         ) from None
-    return image, fmt
+    width, height = image.size
+    shown = png_data_url(image) if preview else None
+    small = shrink(image)
+    return DecodedUpload(
+        name, header.format, width, height, small, shown, (time.perf_counter() - t0) * 1000.0
+    )
+
+
+def reduce_for_queue(image: Any, model_side: int | None) -> Any:
+    """``image`` box-reduced by an integer factor (Pillow's ``reduce``) so that its short side stays
+    at least twice the model's side: what the service queues when the processor's own resize cannot
+    be done early (``medcap.model.family.processor_resizer``). Reducing by a box first and letting
+    the processor resize the rest of the way is what Pillow's ``reducing_gap`` does."""
+    side = model_side or DEFAULT_QUEUE_SIDE
+    factor = min(image.size) // (2 * side)
+    return image.reduce(factor) if factor >= 2 else image
 
 
 def png_data_url(image: Any, max_side: int = 512) -> str:
@@ -75,4 +150,11 @@ def png_data_url(image: Any, max_side: int = 512) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-__all__ = ["decode_upload", "png_data_url", "sanitize_filename"]
+__all__ = [
+    "DecodedUpload",
+    "check_upload",
+    "decode_upload",
+    "png_data_url",
+    "reduce_for_queue",
+    "sanitize_filename",
+]

@@ -104,13 +104,14 @@ def resolve_family(cfg: ModelConfig) -> ModelFamily:
 
 def family_of(model: Any) -> ModelFamily:
     """The family of a built model (``build_model`` sets ``medcap_family``; else its config says)."""
-    for owner in (model, getattr(model, "module", None), getattr(model, "get_base_model", lambda: None)()):
+    from medcap.model.adapters import unwrap
+
+    inner = unwrap(model)
+    for owner in (model, getattr(model, "module", None), inner):
         family = getattr(owner, "medcap_family", None)
         if family is not None:
             return family
-    from medcap.model.adapters import unwrap
-
-    config = unwrap(model).config.to_dict()
+    config = inner.config.to_dict()
     for f in FAMILIES:
         if f.claims("", config):
             return f

@@ -6,10 +6,13 @@ formulas were checked against what autograd really saves (``tests/plan/test_plan
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medcap.plan.layers import Flops, decoder_layer_saved_bytes, encoder_fwd_flops, encoder_layer_saved_bytes
 from medcap.plan.memory import ActDtypes, Trainable
+
+if TYPE_CHECKING:
+    from medcap.config.model import ModelConfig
 
 
 @dataclass
@@ -110,7 +113,7 @@ def lora_inputs_per_layer(trainable: Trainable, dims: Dims) -> list[tuple[str, i
 def activation_bytes(
     dims: Dims,
     trainable: Trainable,
-    model_cfg: Any,
+    model_cfg: ModelConfig,
     e: ActDtypes,
     b: int,
     s: int,
@@ -196,7 +199,7 @@ def activation_bytes(
     return int(total), logits
 
 
-def train_flops_per_sample(dims: Dims, trainable: Trainable, model_cfg: Any, s: float) -> Flops:
+def train_flops_per_sample(dims: Dims, trainable: Trainable, model_cfg: ModelConfig, s: float) -> Flops:
     """FLOPs for one sample of LM length ``s``.
 
     Why not 6 x N: that rule assumes every weight gets a weight gradient. With LoRA the base weights are
@@ -274,11 +277,17 @@ class Blip2PlanSpec:
         return 1
 
     def activation_bytes(
-        self, trainable: Trainable, model_cfg: Any, e: ActDtypes, b: int, s: int, mixed_precision: str = "no"
+        self,
+        trainable: Trainable,
+        model_cfg: ModelConfig,
+        e: ActDtypes,
+        b: int,
+        s: int,
+        mixed_precision: str = "no",
     ) -> tuple[int, int]:
         """(activations kept for backward, logits/loss peak) for micro-batch ``b`` at length ``s``."""
         return activation_bytes(self.dims, trainable, model_cfg, e, b, s, mixed_precision)
 
-    def flops(self, trainable: Trainable, model_cfg: Any, s: float) -> Flops:
+    def flops(self, trainable: Trainable, model_cfg: ModelConfig, s: float) -> Flops:
         """FLOPs of one training sample at mean LM length ``s``."""
         return train_flops_per_sample(self.dims, trainable, model_cfg, s)
