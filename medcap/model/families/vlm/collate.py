@@ -20,9 +20,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,8 @@ class PromptCaptionCollator:
         return out
 
     def _decoder_only(self, enc: Any, captions: list[list[int]]) -> dict[str, torch.Tensor]:
+        import torch  # here, not at module level: settings load without torch
+
         pad = self.tokenizer.pad_token_id
         lengths = enc["attention_mask"].sum(dim=1).tolist()
         n = len(captions)
@@ -160,6 +163,8 @@ class PromptCaptionCollator:
         return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, **fields}
 
     def _encoder_decoder(self, captions: list[list[int]]) -> dict[str, torch.Tensor]:
+        import torch  # here, not at module level: settings load without torch
+
         # The labels are the caption and its EOS; the model shifts them right itself to make the
         # decoder inputs (-100 becomes the decoder start token).
         n, width = len(captions), self._width(max(len(c) for c in captions))
