@@ -97,6 +97,16 @@ RECORDED_FAMILY_PEAKS: list[dict[str, Any]] = [
         "of the whole process (16.39 GB after the build); planner 16.68 GB (-2.2%); "
         "results/bench_fullsize_families_cpu_instructblip-vicuna-7b-lora_avx512bf16.json",
     },
+    {
+        "config": "medgemma-4b-lora",
+        "batch_size": 1,
+        "caption_cap": 32,
+        "peak_rss_bytes": 11_603_386_368,
+        "source": "measured 2026-12-02 on the AVX-512 box (shared, load 10-16): "
+        "bench_fullsize_families_cpu.py --config medgemma-4b-lora (896 px, 319 tokens), VmHWM from the "
+        "built model on (build peak 9.29 GB); planner 10.87 GB (-6.3%); "
+        "results/bench_fullsize_families_cpu_medgemma-4b-lora_avx512bf16.json",
+    },
 ]
 
 
