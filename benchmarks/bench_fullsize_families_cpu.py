@@ -10,9 +10,10 @@ of the real architecture, the dry run's CPU settings: bf16 where the config says
 images resized to the size the planner sizes the sequence for (the largest image the config's pixel
 settings let through unchanged: Qwen's pixel cap, LLaVA-NeXT's largest grid, Idefics3's longest
 edge, the fixed square of the others) and captions cut at ``--cap`` tokens, so the trained sequence
-is the planner's maximum. Prints wall time, the step time, peak RSS (the whole process) and the
-planner's total; ``medcap.plan.recorded.RECORDED_FAMILY_PEAKS`` keeps the results the tests hold the
-planner to (within 15%).
+is the planner's maximum. Prints wall time, the step time, peak RSS (VmHWM from the moment the model
+is built, and the build's own peak apart), the RSS at each line the dry run prints, and the planner's
+total; ``medcap.plan.recorded.RECORDED_FAMILY_PEAKS`` keeps the results the tests hold the planner
+to (within 15%).
 
 Needs up to ~20 GB of free RAM for the 7B models: run it under the flock, one at a time.
 """
@@ -24,10 +25,11 @@ import dataclasses
 import json
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
-from benchdata import gb, machine_description
+from benchdata import gb, machine_description, peak_rss_bytes, reset_peak_rss, rss_bytes
 
 
 def planning_image(model_cfg) -> tuple[int, int]:
@@ -53,6 +55,75 @@ def make_data(root: Path, size: tuple[int, int], n: int) -> Path:
                 resized = im.convert("RGB").resize(size)
             resized.save(row.image, format="JPEG", quality=95)
     return root / "prepared"
+
+
+class RssTrace:
+    """Where the peak happens: VmRSS sampled every ``every`` seconds in a thread, and the time of each
+    line the dry run prints (model built, training, validation, done), so the peak can be put in a
+    phase (build, the step, validation, generation, saving)."""
+
+    def __init__(self, every: float = 0.25) -> None:
+        self.every, self.t0 = every, time.perf_counter()
+        self.samples: list[tuple[float, int]] = []
+        self.lines: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._stdout, self._stderr = sys.stdout, sys.stderr
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self.build_peak: int | None = None
+        self.peak_mark_reset = False
+
+    def model_built(self) -> None:
+        """Keep the peak so far (the build's) and restart the kernel's peak mark: what follows is
+        the step, validation, the caption and saving, which is what the planner estimates. (A
+        quantized random-weight build makes, saves and reloads a 16-bit model first, which a real
+        quantizing load does not.)"""
+        self.build_peak = peak_rss_bytes()
+        self.peak_mark_reset = reset_peak_rss()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.perf_counter() - self.t0, rss_bytes()))
+            self._stop.wait(self.every)
+
+    def _tee(self, stream: object) -> object:
+        trace = self
+
+        class Tee:
+            def write(self, text: str) -> int:
+                for line in text.splitlines():
+                    if line.strip():
+                        trace.lines.append((time.perf_counter() - trace.t0, line.strip()[:100]))
+                    if line.startswith("model ") and " built in " in line and trace.build_peak is None:
+                        trace.model_built()
+                return stream.write(text)
+
+            def flush(self) -> None:
+                stream.flush()
+
+            def __getattr__(self, name: str) -> object:
+                return getattr(stream, name)
+
+        return Tee()
+
+    def __enter__(self) -> RssTrace:
+        self._thread.start()
+        sys.stdout, sys.stderr = self._tee(self._stdout), self._tee(self._stderr)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        sys.stdout, sys.stderr = self._stdout, self._stderr
+        self._stop.set()
+        self._thread.join()
+
+    def phases(self) -> list[dict]:
+        """Per printed line: its time, the RSS then, and the highest RSS until the next line."""
+        out = []
+        marks = [(0.0, "start"), *self.lines, (float("inf"), "end")]
+        for (t, line), (t_next, _) in zip(marks, marks[1:], strict=False):
+            before = [r for s, r in self.samples if s <= t] or [0]
+            window = [r for s, r in self.samples if t <= s < t_next] or [before[-1]]
+            out.append({"t": round(t, 1), "line": line, "rss": before[-1], "max_rss_until_next": max(window)})
+        return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,9 +172,13 @@ def main(argv: list[str] | None = None) -> int:
             generate=dataclasses.replace(cfg.generate, max_new_tokens=4, min_new_tokens=0, num_beams=1),
         )
         t0 = time.perf_counter()
-        result = dry_run(cfg)
+        with RssTrace() as trace:
+            result = dry_run(cfg)
         wall = time.perf_counter() - t0
-    peak = result["peak_memory_gb"] * 1e9
+    # VmHWM in bytes (ru_maxrss is KiB): after the model was built when the kernel let the mark be
+    # reset (/proc/self/clear_refs), else the whole process's.
+    peak = peak_rss_bytes()
+    after_build = trace.build_peak is not None and trace.peak_mark_reset
     out = {
         "config": args.config,
         "model": cfg.model.name_or_path,
@@ -115,9 +190,14 @@ def main(argv: list[str] | None = None) -> int:
         "dry_run_wall_s": round(wall, 1),
         "seconds_per_step": round(result["seconds_per_step"], 1),
         "peak_rss_bytes": int(peak),
+        "peak_rss_is": "after the build (step, validation, caption, save)"
+        if after_build
+        else "whole process",
+        "build_peak_rss_bytes": trace.build_peak,
         "planner_bytes": int(planned.memory.total),
         "planner_vs_measured": round(planned.memory.total / peak - 1, 4),
         "cpu_adjustments": result["cpu_adjustments"],
+        "rss_by_phase": trace.phases(),
     }
     print(json.dumps(out, indent=1))
     if args.json:

@@ -66,7 +66,48 @@ RECORDED_CPU_PEAKS: list[dict[str, Any]] = [
 #: runs ``medcap train --dry-run``'s library function on phantom images at the planner's planning
 #: size with captions cut at ``caption_cap``, and records its peak RSS. ``recorded_run_config`` turns
 #: an entry into the config the planner is asked about (the dry run's CPU settings applied).
-RECORDED_FAMILY_PEAKS: list[dict[str, Any]] = []
+RECORDED_FAMILY_PEAKS: list[dict[str, Any]] = [
+    {
+        "config": "smolvlm-2b-lora",
+        "batch_size": 1,
+        "caption_cap": 32,
+        "peak_rss_bytes": 6_719_160_320,
+        "source": "measured 2026-12-02 on the AVX-512 box (2 cores shared with other jobs, load 10-13): "
+        "bench_fullsize_families_cpu.py --config smolvlm-2b-lora (768 x 768 px: 4 tiles + the global "
+        "view, 477 tokens), VmHWM of the whole process; planner 5.73 GB (-14.7%); "
+        "results/bench_fullsize_families_cpu_smolvlm-2b-lora_avx512bf16.json",
+    },
+    {
+        "config": "paligemma2-3b-lora",
+        "batch_size": 1,
+        "caption_cap": 32,
+        "peak_rss_bytes": 8_766_521_344,
+        "source": "measured 2026-12-02 on the AVX-512 box (shared, load 10-14): "
+        "bench_fullsize_families_cpu.py --config paligemma2-3b-lora (224 px, 296 tokens), VmHWM of the "
+        "whole process; planner 8.20 GB "
+        "(-6.4%); results/bench_fullsize_families_cpu_paligemma2-3b-lora_avx512bf16.json",
+    },
+    {
+        "config": "instructblip-vicuna-7b-lora",
+        "batch_size": 1,
+        "caption_cap": 32,
+        "peak_rss_bytes": 17_058_250_752,
+        "source": "measured 2026-12-02 on the AVX-512 box (shared, load 10-22): "
+        "bench_fullsize_families_cpu.py --config instructblip-vicuna-7b-lora (224 px, 76 tokens), VmHWM "
+        "of the whole process (16.39 GB after the build); planner 16.68 GB (-2.2%); "
+        "results/bench_fullsize_families_cpu_instructblip-vicuna-7b-lora_avx512bf16.json",
+    },
+    {
+        "config": "medgemma-4b-lora",
+        "batch_size": 1,
+        "caption_cap": 32,
+        "peak_rss_bytes": 11_603_386_368,
+        "source": "measured 2026-12-02 on the AVX-512 box (shared, load 10-16): "
+        "bench_fullsize_families_cpu.py --config medgemma-4b-lora (896 px, 319 tokens), VmHWM from the "
+        "built model on (build peak 9.29 GB); planner 10.87 GB (-6.3%); "
+        "results/bench_fullsize_families_cpu_medgemma-4b-lora_avx512bf16.json",
+    },
+]
 
 
 def recorded_run_config(rec: dict[str, Any]) -> Any:

@@ -77,3 +77,21 @@ def test_every_tiny_model_plans(family):
     assert p.fits and p.max_batch_size > 4 and p.epoch_seconds > 0
     spec = family.plan_spec(plan_lib.meta_model(cfg.model)[0])
     assert p.seq_len_max == spec.prefix_tokens(cfg.model) + 32 + spec.end_tokens(cfg.model)
+
+
+def test_recorded_full_size_peaks_of_the_families_within_15_percent():
+    """The planner (--gpu cpu) against peak RSS measured with the full-size random-weight models of
+    the families' shipped configs on this CPU (benchmarks/bench_fullsize_families_cpu.py)."""
+    from medcap.plan.recorded import RECORDED_FAMILY_PEAKS, recorded_run_config
+
+    if not RECORDED_FAMILY_PEAKS:
+        pytest.fail("no recorded family peaks in medcap.plan.recorded.RECORDED_FAMILY_PEAKS")
+    families = set()
+    for rec in RECORDED_FAMILY_PEAKS:
+        cfg = recorded_run_config(rec)
+        families.add(plan_lib.meta_model(cfg.model)[1].name)
+        planned = plan_lib.plan(cfg, "cpu").memory.total
+        assert planned == pytest.approx(rec["peak_rss_bytes"], rel=0.15), (rec["config"], planned, rec)
+    # Measured so far: Idefics3 (SmolVLM), PaliGemma, InstructBLIP, Gemma 3 (MedGemma); the Qwen-VL and
+    # LLaVA-NeXT configs are not yet (docs/PERFORMANCE.md says why).
+    assert len(families) >= 4, families
