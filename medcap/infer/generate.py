@@ -241,9 +241,12 @@ def load_captioner(
                 if not model:
                     raise ValueError(f"{adapter_dir}/adapter_config.json names no base model; pass --model")
                 # `medcap export` ships a base that cannot be downloaded (tiny, random-init) in
-                # ADAPTER/base and names it relatively: resolve it against the adapter, not the cwd.
+                # ADAPTER/base and names its absolute path (older exports: "base", relative to the
+                # adapter). A moved or copied export still has it beside the adapter: use that.
                 if not Path(model).is_absolute() and (adapter_dir / model / "config.json").is_file():
                     model = str(adapter_dir / model)
+                elif not Path(model).exists() and (adapter_dir / "base" / "config.json").is_file():
+                    model = str(adapter_dir / "base")
         if model is None:
             raise ValueError("give --model NAME_OR_PATH (or 'tiny'), or --checkpoint DIR")
         with _quiet_logger("medcap.config.model"):
