@@ -33,7 +33,8 @@ class PeftSettings:
     targets: str | list[str] = "lm-qv"
     """A preset expression of the model family, such as ``lm-qv`` (the language model's q,v: PEFT's
     default and the original project's), ``lm-attn`` (q,k,v,out), ``lm-all`` (all linears of the
-    LANGUAGE MODEL ONLY), ``qformer-qv``, ``qformer-attn`` (BLIP-2's Q-Former), combined with ``+``
+    LANGUAGE MODEL ONLY), ``vision`` (the vision tower's linears), ``projector`` (the vision-to-language
+    projector), ``qformer-qv``, ``qformer-attn`` (BLIP-2's and InstructBLIP's Q-Former), combined with ``+``
     (``lm-all+qformer-attn``); or a list of module names passed to PEFT as they are (PEFT matches a
     name anywhere: ``fc1`` reaches the vision tower too). ``medcap train --dry-run`` prints what matched."""
 
@@ -67,11 +68,17 @@ class ModelConfig:
     """Which model to build, in which precision, and which of its parameters train."""
 
     name_or_path: str = "Salesforce/blip2-opt-6.7b"
-    """A hub id (``Salesforce/blip2-opt-6.7b``), a local folder holding config.json (+ weights), or
-    a built-in tiny model of a family (``tiny``: BLIP-2 with OPT, ``tiny-t5``: BLIP-2 with T5)."""
+    """A hub id (``Salesforce/blip2-opt-6.7b``, ``Qwen/Qwen2.5-VL-7B-Instruct``,
+    ``llava-hf/llava-v1.6-mistral-7b-hf``, ``google/paligemma2-3b-pt-224``, ``google/medgemma-4b-it``,
+    ``HuggingFaceTB/SmolVLM-Instruct``, ``Salesforce/instructblip-vicuna-7b`` ...), a local folder
+    holding config.json (+ weights), or a built-in tiny model of a family (``tiny``: BLIP-2 with OPT,
+    ``tiny-t5``: BLIP-2 with T5, ``tiny-qwen2.5-vl``, ``tiny-qwen3-vl``, ``tiny-llava-next``,
+    ``tiny-paligemma``, ``tiny-gemma3``, ``tiny-idefics3``, ``tiny-instructblip``,
+    ``tiny-instructblip-t5``)."""
     family: str = "auto"
-    """Model family (``medcap.model.families``: blip2-opt, blip2-t5); ``auto`` reads it from the
-    model's config.json or the hub id."""
+    """Model family (``medcap.model.families``: blip2-opt, blip2-t5, qwen2.5-vl, qwen3-vl, llava-next,
+    paligemma, gemma3, idefics3, instructblip, instructblip-t5); ``auto`` reads it from the model's
+    config.json or the hub id."""
     random_init: bool = False
     """Build the architecture with random weights instead of loading them: no hub needed for the
     shipped configs. For dry runs, benchmarks and memory checks."""
@@ -91,7 +98,19 @@ class ModelConfig:
     """Text the caption follows (LAVIS used "a photo of "); empty by default. It is masked out of the
     loss and given again at generation time."""
     image_size: int | None = None
-    """Input image size in pixels (overrides the config's; position embeddings are interpolated)."""
+    """Input image size in pixels (overrides the config's; position embeddings are interpolated).
+    BLIP-2 and InstructBLIP only; the other families read images at their own sizes."""
+    min_pixels: int | None = None
+    """Dynamic-resolution families (Qwen2.5-VL, Qwen3-VL): the fewest pixels an image is resized to
+    (smaller images are scaled up, keeping the aspect ratio); null: the model's own setting."""
+    max_pixels: int | None = None
+    """Dynamic-resolution families: the most pixels an image is resized to (larger ones are scaled
+    down, keeping the aspect ratio). The number of visual tokens, and with it the activation memory,
+    follows it: Qwen2.5-VL makes one token per 28 x 28 pixels (Qwen3-VL 32 x 32), so 401,408 pixels
+    (512 tokens) is a common training cap, while the model's own 12.8M allow 16,384 tokens, the
+    usual out-of-memory cause. Idefics3 / SmolVLM: the resized image's longest edge is at most
+    sqrt(max_pixels), rounded down to whole tiles (fewer tiles, fewer image tokens). Null: the
+    model's own setting. Training, predict and the service all use the same bound."""
     peft: PeftSettings = field(default_factory=PeftSettings)
     """Parameter-efficient fine-tuning."""
     train_qformer: bool = False
@@ -122,6 +141,14 @@ class ModelConfig:
             )
         if not self.name_or_path.strip():
             raise ConfigError("model.name_or_path: empty; give a hub id, a local folder or 'tiny'")
+        for name in ("min_pixels", "max_pixels"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"model.{name}: must be a positive number of pixels, got {value}")
+        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
+            raise ConfigError(
+                f"model.min_pixels {self.min_pixels} is more than model.max_pixels {self.max_pixels}"
+            )
         if self.image_size is not None and self.image_size < 16:
             raise ConfigError(f"model.image_size: {self.image_size} px is too small (at least 16)")
         if self.full_finetune and self.peft.method != "none":

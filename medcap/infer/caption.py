@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medcap.config.generate import GenerateConfig
-from medcap.data.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, ImageReadError, is_dicom_file, read_image
+from medcap.data.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, ImageReadError, is_dicom_file
 from medcap.infer.generate import Captioner, prefetched
 
 
@@ -74,7 +74,6 @@ def caption_files(
     from tqdm import tqdm
 
     gen = gen or captioner.gen
-    side = captioner.image_side
     result = CaptionResult()
     t0 = time.perf_counter()
     with tqdm(
@@ -86,9 +85,7 @@ def caption_files(
         smoothing=0.1,
         disable=not progress,
     ) as bar:
-        for batch in prefetched(
-            list(files), gen.batch_size, lambda f: read_image(f, max_pixels=max_pixels, min_size=side)
-        ):
+        for batch in prefetched(list(files), gen.batch_size, captioner.image_reader(max_pixels)):
             good = [(f, im) for f, im in batch if not isinstance(im, BaseException)]
             for f, err in batch:
                 if isinstance(err, BaseException):

@@ -134,6 +134,34 @@ def generate_token_ids(
     return out
 
 
+def model_image_reader(
+    family: ModelFamily,
+    processor: Any,
+    max_pixels: int | None = None,
+    *,
+    max_decoded_bytes: int | None = None,
+) -> Callable[..., Any]:
+    """``read(source, name=None)``: the one image reader as training decoded (draft mode at the model's
+    input side), refusing an image beyond the family's limits (Qwen-VL: aspect ratios over 200:1) with
+    an ``ImageReadError`` of kind ``too_large`` that names the limit, so predict, caption and the
+    service skip or refuse that one image instead of failing its whole batch."""
+    from medcap.data.images import DEFAULT_MAX_DECODED_BYTES, DEFAULT_MAX_PIXELS, ImageReadError, read_image
+
+    side = family.image_side(processor)
+    limit = max_pixels or DEFAULT_MAX_PIXELS
+    decoded_limit = max_decoded_bytes or DEFAULT_MAX_DECODED_BYTES
+
+    def read(source: Any, name: str | None = None) -> Any:
+        image = read_image(source, name, max_pixels=limit, min_size=side, max_decoded_bytes=decoded_limit)
+        try:
+            family.check_images(processor, [image])
+        except ValueError as e:
+            raise ImageReadError(name or str(source), str(e), kind="too_large") from None
+        return image
+
+    return read
+
+
 @dataclass
 class Captioner:
     """A model ready to caption, with what it was trained with."""
@@ -161,6 +189,10 @@ class Captioner:
     def image_side(self) -> int | None:
         """The model's input side: images are read with ``read_image(min_size=...)`` to no less."""
         return self.family.image_side(self.processor)
+
+    def image_reader(self, max_pixels: int | None = None) -> Callable[..., Any]:
+        """This model's ``model_image_reader``: decode as training did, refuse what the family cannot take."""
+        return model_image_reader(self.family, self.processor, max_pixels)
 
 
 @contextlib.contextmanager
@@ -312,4 +344,11 @@ def prefetched(
             yield result
 
 
-__all__ = ["Captioner", "caption_images", "generate_token_ids", "load_captioner", "prefetched"]
+__all__ = [
+    "Captioner",
+    "caption_images",
+    "generate_token_ids",
+    "load_captioner",
+    "model_image_reader",
+    "prefetched",
+]

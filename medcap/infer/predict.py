@@ -20,7 +20,6 @@ from typing import Any
 from medcap.config.data import DataConfig
 from medcap.config.generate import GenerateConfig
 from medcap.config.run import RunConfig
-from medcap.data.images import read_image
 from medcap.data.manifest import read_manifest
 from medcap.infer.generate import Captioner, prefetched
 from medcap.layout import prediction_meta
@@ -82,7 +81,6 @@ def predict(
         raise PredictError(f"{manifest} has no rows")
     captions: dict[str, str] = {}
     failed: list[str] = []
-    side = captioner.image_side  # the same draft-mode decode as training
     t0 = time.perf_counter()
     with tqdm(
         total=len(rows),
@@ -93,7 +91,8 @@ def predict(
         smoothing=0.1,
         disable=not progress,
     ) as bar:
-        for batch in prefetched(rows, gen.batch_size, lambda r: read_image(r.image, min_size=side)):
+        read = captioner.image_reader()  # the same draft-mode decode as training
+        for batch in prefetched(rows, gen.batch_size, lambda r: read(r.image)):
             good = [(r, im) for r, im in batch if not isinstance(im, BaseException)]
             for r, err in batch:
                 if isinstance(err, BaseException):

@@ -136,6 +136,15 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+def scope_counts(names: list[str], settings: PeftSettings, family: ModelFamily) -> dict[str, int]:
+    """How many of the adapted modules ``names`` each preset of ``settings.targets`` reached (a list
+    of module names counts as one scope, ``modules``)."""
+    if not isinstance(settings.targets, str):
+        return {"modules": len(names)}
+    presets = [n.strip() for n in settings.targets.split("+")]
+    return {p: sum(1 for n in names if re.fullmatch(family.target_presets[p], n)) for p in presets}
+
+
 def summarize(names: list[str]) -> str:
     """Module names with layer numbers folded: ``language_model.model.decoder.layers.*.self_attn.q_proj``."""
     folded = sorted({re.sub(r"\.\d+\.", ".*.", n) for n in names})
@@ -148,6 +157,7 @@ __all__ = [
     "count_parameters",
     "linear_types",
     "resolve_targets",
+    "scope_counts",
     "set_trainable",
     "summarize",
     "unwrap",

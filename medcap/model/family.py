@@ -16,7 +16,7 @@ The protocol, by what it answers:
   scopes as regexes), ``feedforward_names`` ((IA)3), ``language_model()``, ``fingerprint_tensors()``;
 * **data in, captions out**: ``collator()`` (labels -100 everywhere but caption tokens and EOS;
   image tokens never cut, captions are), ``generation_inputs()``, ``decode()`` (prompt stripped),
-  ``stop_token_ids()``, ``image_side()``, ``pixel_dtype_device()``;
+  ``stop_token_ids()``, ``image_side()``, ``check_images()``, ``pixel_dtype_device()``;
 * **planning, export, query cache**: ``plan_spec()``, ``export_classes``, ``base_licenses``,
   ``query_cache`` (None where the family cannot train from cached image features).
 
@@ -137,6 +137,11 @@ class ModelFamily(Protocol):
 
     def image_side(self, processor: Any) -> int | None:
         """The model's input side in pixels (JPEGs decode in draft mode to no less), or None."""
+        ...
+
+    def check_images(self, processor: Any, images: Sequence[Image.Image]) -> None:
+        """Raise ``ValueError`` naming the limit for an image beyond what the family takes (Qwen-VL:
+        aspect ratios over 200:1); the reader's pixel-count limit applies to every family."""
         ...
 
     def pixel_dtype_device(self, model: Any) -> tuple[Any, Any]:

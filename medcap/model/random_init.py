@@ -36,6 +36,10 @@ def random_fill(model: torch.nn.Module, seed: int, std: float = 0.02) -> None:
         owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
         if isinstance(owner, torch.nn.LayerNorm) or type(owner).__name__.endswith("LayerNorm"):
             param.fill_(1.0 if leaf == "weight" else 0.0)
+        elif "RMSNorm" in type(owner).__name__ and hasattr(model, "_init_weights"):
+            # The model's own rule: most RMSNorms scale by their weight (ones), Gemma's by
+            # 1 + weight (zeros). A random scale would silence the layer.
+            model._init_weights(owner)
         elif leaf == "bias":
             param.zero_()
         elif param.numel() <= POOL_SIZE // 4:

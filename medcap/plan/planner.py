@@ -69,7 +69,7 @@ class Plan:
             f"{self.quantization}, peft {self.peft}, gradient checkpointing "
             f"{'on' if self.gradient_checkpointing else 'off'}, optimizer {self.optimizer}",
             f"  micro-batch {self.batch_size} per GPU x {self.gpus} GPU(s); sequence {self.seq_len_max} tokens "
-            f"at most (query tokens + BOS + prompt + caption cap + EOS), {self.seq_len_mean:.1f} on average",
+            f"at most (image tokens + template + prompt + caption cap + end), {self.seq_len_mean:.1f} on average",
             f"  parameters: {self.total_params / 1e9:.3f}B total, {self.trainable_params / 1e6:.3f}M trainable",
             f"memory per GPU on {self.gpu_spec.name} ({self.gpu_spec.memory_mib / 1024:.1f} GiB):",
         ]
@@ -169,32 +169,31 @@ def _lengths_of(path: str, mtime: int, limit: int | None, tokenizer: Any) -> tup
     return _LENGTH_CACHE[key]
 
 
-def sequence_lengths(run_cfg: RunConfig, image_tokens: int, tokenizer: Any) -> tuple[int, float, int, str]:
+def sequence_lengths(
+    run_cfg: RunConfig, prefix_tokens: int, end_tokens: int, tokenizer: Any
+) -> tuple[int, float, int, str]:
     """(max LM length, mean LM length, training images, where the images count came from).
 
-    Decoder-only: image tokens + BOS + prompt tokens + caption (at most ``train.max_caption_tokens``)
-    + EOS. The mean uses real caption lengths (tokenised with the shipped offline BPE, which splits
-    medical words into more pieces than OPT's 50k BPE: means are upper bounds).
+    Decoder-only: the prefix (image tokens, template, prompt: ``prefix_tokens``, the family's plan
+    spec measures it) + caption (at most ``train.max_caption_tokens``) + ``end_tokens``. The mean
+    uses real caption lengths (tokenised with the shipped offline BPE, which splits medical words
+    into more pieces than the models' own 32k-256k vocabularies: means are upper bounds).
     """
     tok = tokenizer
     tok.model_max_length = 1 << 30  # only counting tokens: no "longer than the maximum" warning
-    prompt = (
-        len(tok(run_cfg.model.prompt, add_special_tokens=False)["input_ids"]) if run_cfg.model.prompt else 0
-    )
-    prefix = image_tokens + 1 + prompt
     cap = run_cfg.train.max_caption_tokens
-    max_len = prefix + cap + 1
+    max_len = prefix_tokens + cap + end_tokens
     lengths, source = _caption_lengths(run_cfg, tok)
     if lengths:
-        mean_cap = sum(min(n, cap) + 1 for n in lengths) / len(lengths)
+        mean_cap = sum(min(n, cap) + end_tokens for n in lengths) / len(lengths)
     else:
-        mean_cap = min(cap, 58) + 1  # ROCOv2 valid mean with the shipped tokenizer (58.1)
+        mean_cap = min(cap, 58) + end_tokens  # ROCOv2 valid mean with the shipped tokenizer (58.1)
     manifest = run_cfg.data.manifest(run_cfg.data.train_split)
     if manifest.is_file():
         n_images, img_source = len(lengths), f"rows of {manifest}"
     else:
         n_images, img_source = ROCOV2_TRAIN["stored-rgb"], "ROCOv2 train, stored-RGB (no manifest prepared)"
-    return max_len, prefix + mean_cap, n_images, img_source
+    return max_len, prefix_tokens + mean_cap, n_images, img_source
 
 
 def plan(
@@ -221,7 +220,7 @@ def plan(
     total_params = sum(p.numel() for p in model.parameters())
     trainable_total = trainable.total
     s_max, s_mean, n_images, img_source = sequence_lengths(
-        run_cfg, spec.image_tokens, family.offline_tokenizer()
+        run_cfg, spec.prefix_tokens(mc), spec.end_tokens(mc), family.offline_tokenizer()
     )
     device = "cpu" if gpu == "cpu" else "cuda"
     mp = tc.mixed_precision

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 # Recorded measurements on this CPU machine (2 cores, 24 GB), peak RSS of one bf16 LoRA (q,v r=16,
@@ -58,3 +59,32 @@ RECORDED_CPU_PEAKS: list[dict[str, Any]] = [
         "slow; two steps at cap 16, 50 tokens a sample); planner 16.92 GB (-2.5%)",
     },
 ]
+
+
+#: Full-size dry runs of the other families' shipped configs on this CPU machine (the AVX-512 box, 2
+#: cores, 24 GB shared with other jobs): ``benchmarks/bench_fullsize_families_cpu.py --config NAME``
+#: runs ``medcap train --dry-run``'s library function on phantom images at the planner's planning
+#: size with captions cut at ``caption_cap``, and records its peak RSS. ``recorded_run_config`` turns
+#: an entry into the config the planner is asked about (the dry run's CPU settings applied).
+RECORDED_FAMILY_PEAKS: list[dict[str, Any]] = []
+
+
+def recorded_run_config(rec: dict[str, Any]) -> Any:
+    """The run config of a ``RECORDED_FAMILY_PEAKS`` entry as the dry run trained it: the shipped
+    config, random weights, the dry run's CPU settings, the recorded micro-batch and caption cap."""
+    from medcap.config.run import load_run_config
+    from medcap.train.dry_run import dry_run_cpu_settings
+
+    cfg = load_run_config(rec["config"])
+    if rec.get("model"):
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name_or_path=rec["model"]))
+    train = dataclasses.replace(
+        cfg.train,
+        batch_size=rec["batch_size"],
+        dry_run_batch_size=rec["batch_size"],
+        grad_accum=1,
+        max_caption_tokens=rec["caption_cap"],
+        cpu_threads=2,
+    )
+    model, train, _ = dry_run_cpu_settings(dataclasses.replace(cfg.model, random_init=True), train)
+    return dataclasses.replace(cfg, model=model, train=train)

@@ -347,6 +347,14 @@ def _accelerator(cfg: RunConfig) -> Any:
     from accelerate.utils import DistributedDataParallelKwargs
 
     tc = cfg.train
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != tc.mixed_precision:
+        # accelerate keeps one process-wide state and refuses another mixed precision in the same
+        # process ("AcceleratorState has already been initialized"): a second fit() (a notebook
+        # comparing a bf16 and an fp32 config, the tests) starts from a fresh one. The process
+        # group (PartialState) is kept.
+        AcceleratorState._reset_state()
     accelerator = Accelerator(
         mixed_precision=tc.mixed_precision,
         cpu=tc.cpu,

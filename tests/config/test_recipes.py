@@ -21,7 +21,6 @@ from medcap.config.recipes import RECIPES_DIR
 from medcap.config.run import RunConfig, load_run_config
 from medcap.config.train import TrainConfig
 from medcap.model.families import FAMILIES
-from medcap.model.families.blip2.architecture import SHIPPED_CONFIGS
 
 CONFIGS = sorted(RECIPES_DIR.glob("*.yaml"))
 REQUIRED = {
@@ -29,6 +28,11 @@ REQUIRED = {
     "blip2-opt-6.7b-lora-v100.yaml",
     "blip2-opt-6.7b-qlora-2xt4.yaml",
     "blip2-opt-2.7b-8bit.yaml",
+    "qwen2.5-vl-7b-qlora-t4.yaml",
+    "llava-1.6-mistral-7b-lora.yaml",
+    "paligemma2-3b-lora.yaml",
+    "smolvlm-2b-lora.yaml",
+    "medgemma-4b-lora.yaml",
 }
 
 
@@ -66,9 +70,9 @@ def test_config_loads_and_its_first_line_runs_it(
     assert capsys.readouterr().out == yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
     # The model is one that can be built here without the hub: tiny, or a shipped config.
-    assert (
-        any(cfg.model.name_or_path in f.tiny_names for f in FAMILIES)
-        or cfg.model.name_or_path in SHIPPED_CONFIGS
+    assert any(
+        cfg.model.name_or_path in f.tiny_names or f.shipped_config(cfg.model.name_or_path) is not None
+        for f in FAMILIES
     )
     # Saved and loaded again it is the same config (what a checkpoint keeps).
     save_config(cfg, tmp_path / "config.yaml")
@@ -128,3 +132,58 @@ def test_every_setting_has_a_docstring() -> None:
             f"{cls.__name__}: undocumented {set(fields) - documented}"
         )
     assert recipe.__doc__
+
+
+def _family_of_config(path: Path):
+    from medcap.model.families import resolve_family
+
+    return resolve_family(load_run_config(path).model)
+
+
+NEW_FAMILY_CONFIGS = [p for p in CONFIGS if not p.name.startswith(("blip2-", "demo"))]
+
+
+@pytest.mark.parametrize("path", NEW_FAMILY_CONFIGS, ids=lambda p: p.name)
+def test_each_family_config_dry_runs_on_its_tiny_model(path: Path, tmp_path: Path) -> None:
+    """The config as shipped (quantization, pixel bounds, presets, prompt, precision) with the family's
+    tiny model in place of the full-size one: two steps, a validation and a caption, through the CLI."""
+    family = _family_of_config(path)
+    small = [
+        "--model.name_or_path",
+        family.tiny_names[0],
+        "--train.dry_run_images",
+        "6",
+        "--train.dry_run_steps",
+        "2",
+        "--train.dry_run_batch_size",
+        "2",
+        "--data.num_workers",
+        "0",
+        "--data.prepared",
+        str(tmp_path / "absent"),
+        "--train.cpu_threads",
+        "1",
+        "--train.progress_bar",
+        "false",
+        "--train.tensorboard",
+        "false",
+        "--generate.max_new_tokens",
+        "4",
+        "--generate.min_new_tokens",
+        "0",
+        "--generate.num_beams",
+        "1",
+    ]
+    assert cli(["--config", path.stem, "--dry-run", *small]) == 0
+
+
+def test_family_configs_match_their_hardware() -> None:
+    qwen = load_run_config(RECIPES_DIR / "qwen2.5-vl-7b-qlora-t4.yaml")
+    assert qwen.model.quantization == "4bit" and qwen.model.precision == "fp16"  # T4: no bf16
+    assert qwen.train.mixed_precision == "fp16" and qwen.model.max_pixels is not None
+    smol = load_run_config(RECIPES_DIR / "smolvlm-2b-lora.yaml")
+    assert smol.model.precision == "fp16" and smol.train.mixed_precision == "fp16"  # T4
+    for name in ("llava-1.6-mistral-7b-lora", "paligemma2-3b-lora", "medgemma-4b-lora"):
+        cfg = load_run_config(RECIPES_DIR / f"{name}.yaml")
+        assert cfg.model.precision == "bf16" and cfg.train.mixed_precision == "bf16"  # Ampere or newer
+    assert load_run_config(RECIPES_DIR / "paligemma2-3b-lora.yaml").model.prompt == "caption en"

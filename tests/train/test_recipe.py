@@ -335,3 +335,15 @@ def test_a_finished_fit_leaves_no_model_behind(tmp_path: Path) -> None:
         fit(load_run_config(None, tiny_overrides(make_prepared(tmp / "prep", 8, 4), tmp / "run", max_steps=1)))
         """
     )
+
+
+def test_two_fits_in_one_process_with_different_mixed_precision(tmp_path):
+    """accelerate keeps one process-wide state: a second fit() with another mixed precision (bf16
+    after fp32) must not fail with 'AcceleratorState has already been initialized'."""
+    prepared = make_prepared(tmp_path / "prepared", n_train=4, n_valid=2)
+    for i, mp in enumerate(("no", "bf16", "no")):
+        args = tiny_overrides(prepared, tmp_path / f"run{i}", epochs=1, batch_size=4)
+        cfg = load_run_config(
+            None, [*args, "--train.mixed_precision", mp, "--train.num_sample_captions", "0"]
+        )
+        assert fit(cfg)["step"] == 1

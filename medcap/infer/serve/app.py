@@ -30,7 +30,7 @@ from starlette.responses import Response
 
 import medcap
 from medcap.config.generate import GenerateConfig
-from medcap.data.images import SUPPORTED_FORMATS, plain_message, read_image
+from medcap.data.images import SUPPORTED_FORMATS, plain_message
 from medcap.infer.serve.batcher import Batcher, CaptionFn, ServeMetrics
 from medcap.infer.serve.gate import DecodeGate
 from medcap.infer.serve.schemas import (
@@ -478,16 +478,17 @@ def create_app(
     batching = batching or BatchSettings()
     if caption_fn is None:
         from medcap.infer.generate import caption_images as caption_fn
+    from medcap.infer.generate import model_image_reader
     from medcap.model.families import family_of
     from medcap.model.family import processor_resizer
 
-    side = family_of(model).image_side(processor)
+    family = family_of(model)
+    side = family.image_side(processor)
     if read_image_fn is None:
-        read_image_fn = functools.partial(
-            read_image,
-            max_pixels=limits.max_pixels,
-            min_size=side,
-            max_decoded_bytes=limits.max_decoded_bytes,
+        # Images beyond the reader's or the family's limits are refused per upload (422, the
+        # limit named).
+        read_image_fn = model_image_reader(
+            family, processor, limits.max_pixels, max_decoded_bytes=limits.max_decoded_bytes
         )
     # Queued images wait at the model's input size: resized exactly as the processor would (then its
     # own resize is a no-op), else box-reduced towards it.

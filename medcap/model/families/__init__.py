@@ -12,13 +12,30 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medcap.model.families.blip2 import BLIP2_OPT, BLIP2_T5
+from medcap.model.families.gemma3 import GEMMA3
+from medcap.model.families.idefics3 import IDEFICS3
+from medcap.model.families.instructblip import INSTRUCTBLIP, INSTRUCTBLIP_T5
+from medcap.model.families.llava_next import LLAVA_NEXT
+from medcap.model.families.paligemma import PALIGEMMA
+from medcap.model.families.qwen_vl import QWEN3_VL, QWEN25_VL
 
 if TYPE_CHECKING:
     from medcap.config.model import ModelConfig
     from medcap.model.family import ModelFamily
 
 #: Every supported family, in the order ``auto`` tries them.
-FAMILIES: tuple[ModelFamily, ...] = (BLIP2_OPT, BLIP2_T5)
+FAMILIES: tuple[ModelFamily, ...] = (
+    BLIP2_OPT,
+    BLIP2_T5,
+    QWEN25_VL,
+    QWEN3_VL,
+    LLAVA_NEXT,
+    PALIGEMMA,
+    GEMMA3,
+    IDEFICS3,
+    INSTRUCTBLIP,
+    INSTRUCTBLIP_T5,
+)
 
 
 def family_names() -> tuple[str, ...]:
@@ -105,6 +122,14 @@ __all__ = [
     "BLIP2_OPT",
     "BLIP2_T5",
     "FAMILIES",
+    "GEMMA3",
+    "IDEFICS3",
+    "INSTRUCTBLIP",
+    "INSTRUCTBLIP_T5",
+    "LLAVA_NEXT",
+    "PALIGEMMA",
+    "QWEN25_VL",
+    "QWEN3_VL",
     "config_json",
     "family_names",
     "family_of",

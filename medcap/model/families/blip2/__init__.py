@@ -202,6 +202,9 @@ class Blip2Family:
 
         return processor_image_side(processor)
 
+    def check_images(self, processor: Any, images: Sequence[Image.Image]) -> None:
+        """Any size: the processor resizes to the model's square (the reader bounds the pixel count)."""
+
     def pixel_dtype_device(self, model: Any) -> tuple[Any, Any]:
         from medcap.model.adapters import unwrap
 

@@ -260,6 +260,22 @@ class Blip2PlanSpec:
         """Tokens the image takes in the language model's sequence (the query tokens)."""
         return self.dims.num_query_tokens
 
+    def prefix_tokens(self, model_cfg: Any) -> int:
+        """Tokens before the caption: the query tokens, BOS and the prompt (offline tokenizer)."""
+        from medcap.model.tokenizer import offline_tokenizer
+
+        prompt = model_cfg.prompt
+        n = (
+            len(offline_tokenizer("bos-first")(prompt, add_special_tokens=False)["input_ids"])
+            if prompt
+            else 0
+        )
+        return self.dims.num_query_tokens + 1 + n
+
+    def end_tokens(self, model_cfg: Any) -> int:
+        """The EOS after a caption that ends."""
+        return 1
+
     def activation_bytes(
         self,
         trainable: Trainable,
