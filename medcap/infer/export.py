@@ -171,6 +171,7 @@ def export(
             "dataset": dataset,
             "license": license,
             "name": out.name,
+            **_processor_text(family, processor, run_cfg.model.prompt),
         }
         model_card(run_cfg, family, **card_inputs).save(staging / "README.md")
         _normal_permissions(staging)
@@ -197,6 +198,16 @@ def export(
             + (f" (base: {pushed['base_repo']})" if "base_repo" in pushed else "")
         )
     return out
+
+
+def _processor_text(family: Any, processor: Any, prompt: str) -> dict[str, Any]:
+    """For families that lay the prompt out around an image placeholder (a chat template), the exact
+    text their processor takes, so the card's loading snippet reproduces what medcap generates from."""
+    layout = getattr(family, "layout", None)
+    if layout is None:  # BLIP-2: the processor takes the bare prompt
+        return {}
+    made = layout(processor, prompt)
+    return {"processor_text": made.text, "nested_images": made.nested_images}
 
 
 def _normal_permissions(folder: Path) -> None:

@@ -256,12 +256,17 @@ def model_card(
     name: str = "medcap-model",
     hub_repo: str | None = None,
     hub_base_repo: str | None = None,
+    processor_text: str | None = None,
+    nested_images: bool = False,
 ) -> Any:
     """The README.md of an export as a ``huggingface_hub.ModelCard``: metadata (``ModelCardData``,
     metrics as ``EvalResult``s), how to load it, the settings and the metrics with their intervals.
 
     ``hub_repo``: the card of the copy pushed there (loading instructions name the repository);
-    ``hub_base_repo``: where the export's ``base/`` was pushed, when it has one."""
+    ``hub_base_repo``: where the export's ``base/`` was pushed, when it has one. ``processor_text``:
+    the exact text the processor takes with each image (the image placeholder and the prompt through
+    the family's chat template), for families whose processor does not take the bare prompt;
+    ``nested_images``: that processor takes one list of images per text."""
     from huggingface_hub import ModelCard
 
     model_cfg = to_dict(run_cfg.model)
@@ -357,7 +362,12 @@ def model_card(
         "",
         "from PIL import Image",
         'image = Image.open("image.jpg").convert("RGB")',
-        f"inputs = processor(images=image, text={prompt!r}, return_tensors='pt')",
+        (
+            f"inputs = processor(images=image, text={prompt!r}, return_tensors='pt')"
+            if processor_text is None
+            else f"inputs = processor(images={'[[image]]' if nested_images else '[image]'}, "
+            f"text=[{processor_text!r}], add_special_tokens=False, return_tensors='pt')"
+        ),
         "out = model.generate(**inputs, max_new_tokens=40)",
     ]
     if family.decoder_only:
