@@ -20,9 +20,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a batch is made: the families table is read by the
+    import torch  # settings (config.model), which must load without torch.
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,8 @@ class PromptCaptionCollator:
         return out
 
     def _decoder_only(self, enc: Any, captions: list[list[int]]) -> dict[str, torch.Tensor]:
+        import torch
+
         pad = self.tokenizer.pad_token_id
         lengths = enc["attention_mask"].sum(dim=1).tolist()
         n = len(captions)
@@ -162,6 +165,8 @@ class PromptCaptionCollator:
     def _encoder_decoder(self, captions: list[list[int]]) -> dict[str, torch.Tensor]:
         # The labels are the caption and its EOS; the model shifts them right itself to make the
         # decoder inputs (-100 becomes the decoder start token).
+        import torch
+
         n, width = len(captions), self._width(max(len(c) for c in captions))
         labels = torch.full((n, width), -100, dtype=torch.long)
         mask = torch.zeros((n, width), dtype=torch.long)
