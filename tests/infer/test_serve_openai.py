@@ -180,9 +180,13 @@ def test_openai_errors_are_what_the_client_raises(served):
         # The multipart API keeps its own error shape.
         r = httpx.post(f"{url}/v1/captions", headers={"Authorization": f"Bearer {TOKEN}"})
         assert r.status_code == 415 and r.json()["error"] == "unsupported_media_type"
-        # Nothing above took the service down.
-        done = client.chat.completions.create(model="tiny", messages=_message(_data_url(png)))
-        assert done.choices[0].message.content == _direct(served, png)
+        # Nothing above took the service down; the URL alone as image_url (as some clients send it) works.
+        body = {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": _data_url(png)}]}],
+        }
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {TOKEN}"})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == _direct(served, png)
 
 
 def test_openai_and_multipart_requests_share_batches_and_metrics_count_them(served):

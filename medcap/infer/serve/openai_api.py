@@ -100,13 +100,14 @@ class ContentPart(BaseModel):
 
     type: Literal["text", "image_url"]
     text: str | None = None
-    image_url: ImageUrl | None = None
+    image_url: ImageUrl | str | None = None
+    """``{"url": ...}`` as OpenAI sends it, or the URL alone (as some clients write it)."""
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
 
 
@@ -203,7 +204,10 @@ def image_of(req: ChatCompletionRequest) -> tuple[bytes, str, str]:
                         "an image_url part needs {'url': ...}",
                         f"messages[{i}].content[{j}]",
                     )
-                found.append((part.image_url.url, f"messages[{i}].content[{j}].image_url.url"))
+                if isinstance(part.image_url, str):
+                    found.append((part.image_url, f"messages[{i}].content[{j}].image_url"))
+                else:
+                    found.append((part.image_url.url, f"messages[{i}].content[{j}].image_url.url"))
     if not found:
         raise ServeError(
             400,
