@@ -145,6 +145,9 @@ def test_exports_of_other_families_load_and_caption_as_the_checkpoint(runs, tmp_
     model, processor, gen, prompt, _ = load_for_serving(model=str(merged), device="cpu")
     assert prompt == cap_p.prompt == "caption en" and gen == cap_p.gen
     assert caption_images(model, processor, [image], gen, prompt) == cap_p.caption([image])
+    # `medcap caption --model EXPORT` and predict too (they used to caption with an empty prompt).
+    from_export = load_captioner(model=str(merged), device="cpu")
+    assert (from_export.prompt, from_export.gen) == (cap_p.prompt, cap_p.gen)
 
     run_q, cap_q = runs["qwen"]
     adapter = export(run_q / "checkpoints" / "best", tmp_path / "qwen")
