@@ -15,6 +15,9 @@ import io
 import json
 from pathlib import Path
 
+import datasets  # the hub extra, part of the test extra
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -26,10 +29,6 @@ from medcap.data.rocov2 import LayoutError
 from medcap.data.tables import MAX_FIELD_CHARS
 from tests.data.test_bad_input import bomb_jpeg, jpeg_bytes, skipped_rows
 from tests.hostile_inputs import progressive_jpeg_scan_bomb
-
-datasets = pytest.importorskip("datasets", reason="the hub extra: pip install 'medcap[hub]'")
-pa = pytest.importorskip("pyarrow")
-pq = pytest.importorskip("pyarrow.parquet")
 
 HUB_SPLITS = {"train": "train", "valid": "validation", "test": "test"}
 
