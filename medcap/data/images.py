@@ -96,7 +96,9 @@ class ImageReadError(ValueError):
     """An image could not be read; ``str()`` names the file, the problem and what to do.
 
     ``kind`` says which: ``unsupported`` (not an image format this reader takes), ``too_large``
-    (over the pixel limit), or ``unreadable`` (missing, empty, corrupt, truncated ...).
+    (over the pixel or decoded-bytes limit), ``beyond_model`` (readable, but outside what the model
+    family takes, e.g. Qwen-VL's 200:1 aspect ratio), or ``unreadable`` (missing, empty, corrupt,
+    truncated ...).
     """
 
     def __init__(self, name: str, reason: str, hint: str = "", kind: str = "unreadable") -> None:

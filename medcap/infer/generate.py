@@ -144,7 +144,7 @@ def model_image_reader(
 ) -> Callable[..., Any]:
     """``read(source, name=None)``: the one image reader as training decoded (draft mode at the model's
     input side), refusing an image beyond the family's limits (Qwen-VL: aspect ratios over 200:1) with
-    an ``ImageReadError`` of kind ``too_large`` that names the limit, so predict, caption and the
+    an ``ImageReadError`` of kind ``beyond_model`` that names the limit, so predict, caption and the
     service skip or refuse that one image instead of failing its whole batch."""
     from medcap.data.images import DEFAULT_MAX_DECODED_BYTES, DEFAULT_MAX_PIXELS, ImageReadError, read_image
 
@@ -157,7 +157,7 @@ def model_image_reader(
         try:
             family.check_images(processor, [image])
         except ValueError as e:
-            raise ImageReadError(name or str(source), str(e), kind="too_large") from None
+            raise ImageReadError(name or str(source), str(e), kind="beyond_model") from None
         return image
 
     return read

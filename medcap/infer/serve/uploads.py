@@ -113,9 +113,10 @@ def decode_upload(
     try:
         image = read(data, name)
     except ImageReadError as e:
+        # str(e) starts with the upload's name already (read() was given it).
         if e.kind == "too_large":
-            raise ServeError(413, "decode_limit", f"{name}: {e}", label) from None
-        raise ServeError(422, "unreadable_image", f"{name}: {e}", label) from None
+            raise ServeError(413, "decode_limit", str(e), label) from None
+        raise ServeError(422, "unreadable_image", str(e), label) from None
     except Exception as e:  # a decoder bug on hostile input is still the file's fault
         raise ServeError(
             422,

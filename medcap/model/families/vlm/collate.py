@@ -22,8 +22,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # torch is imported where a batch is made: the families table is read by the
-    import torch  # settings (config.model), which must load without torch.
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ class PromptCaptionCollator:
         return out
 
     def _decoder_only(self, enc: Any, captions: list[list[int]]) -> dict[str, torch.Tensor]:
-        import torch
+        import torch  # here, not at module level: settings load without torch
 
         pad = self.tokenizer.pad_token_id
         lengths = enc["attention_mask"].sum(dim=1).tolist()
@@ -163,10 +163,10 @@ class PromptCaptionCollator:
         return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, **fields}
 
     def _encoder_decoder(self, captions: list[list[int]]) -> dict[str, torch.Tensor]:
+        import torch  # here, not at module level: settings load without torch
+
         # The labels are the caption and its EOS; the model shifts them right itself to make the
         # decoder inputs (-100 becomes the decoder start token).
-        import torch
-
         n, width = len(captions), self._width(max(len(c) for c in captions))
         labels = torch.full((n, width), -100, dtype=torch.long)
         mask = torch.zeros((n, width), dtype=torch.long)
