@@ -5,6 +5,8 @@ below is the whole truth (docs/ARCHITECTURE.md shows it with what each file hold
 
     PREP/prepare.json  PREP/plots/*.png                     PreparedLayout (medcap data prepare)
     PREP/{split}/manifest.csv skipped.csv notes.csv stats.json
+    PREP/images/{source split}/<ID>.<ext>                  images extracted from parquet bytes
+    PREP/datasets/                                          medcap data to-datasets (default)
 
     RUN/config.yaml  log.csv  samples.jsonl  tensorboard/  result.json  report.html     RunLayout
     RUN/peft_init/                                         EVA / CorDA statistics of the training split
@@ -57,6 +59,11 @@ class PreparedLayout:
 
     def split_dir(self, split: str) -> Path:
         return self.root / split
+
+    def extracted_images(self, source_split: str) -> Path:
+        """Images written out of a source that holds them as bytes (the Hub's parquet shards): the
+        manifests point at these files, so they stay with the prepared folder."""
+        return self.root / "images" / source_split
 
     def manifest(self, split: str) -> Path:
         """One row per kept image (``medcap.data.manifest.MANIFEST_COLUMNS``)."""

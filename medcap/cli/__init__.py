@@ -26,8 +26,15 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
         "medcap.cli.data:cmd_phantoms",
         "write the synthetic phantom dataset in the ROCOv2 layout",
     ),
-    ("data", "prepare"): ("medcap.cli.data:cmd_prepare", "check a ROCOv2-layout dataset and write manifests"),
+    ("data", "prepare"): (
+        "medcap.cli.data:cmd_prepare",
+        "check a dataset (ROCOv2, Hub parquet or imagefolder, own folder) and write manifests",
+    ),
     ("data", "stats"): ("medcap.cli.data:cmd_stats", "summarise prepared manifests, with plots"),
+    ("data", "to-datasets"): (
+        "medcap.cli.data:cmd_to_datasets",
+        "write a prepared folder as a Hugging Face datasets dataset",
+    ),
     ("data", "download"): (
         "medcap.cli.data:cmd_download",
         "download ROCOv2 from Zenodo (resumable, checksummed)",
@@ -83,6 +90,9 @@ EXTRAS = {
     "optuna": "tune",
     "sqlalchemy": "tune",
     "psycopg": "tune",
+    "datasets": "hub",
+    "pyarrow": "hub",
+    "prometheus_client": "serve",
 }
 
 

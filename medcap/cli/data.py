@@ -1,4 +1,4 @@
-"""``medcap data phantoms|prepare|stats|download``: thin wrappers over ``medcap.data``."""
+"""``medcap data phantoms|prepare|stats|to-datasets|download``: thin wrappers over ``medcap.data``."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import sys
 from pathlib import Path
 
 from medcap.data.download import DEFAULT_BASE_URL, DEFAULT_RECORD, DownloadError, download_rocov2
-from medcap.data.inspect import COLOR_POLICIES, DEFAULT_MAX_PIXELS
+from medcap.data.inspect import DEFAULT_MAX_PIXELS
+from medcap.data.partition import parse_fractions
 from medcap.data.phantoms.design import MODALITIES, PhantomOptionError
 from medcap.data.phantoms.make import make_phantoms
-from medcap.data.prepare import prepare_dataset
+from medcap.data.prepare import POLICY_CHOICES, prepare_dataset
 from medcap.data.rocov2 import EXPECTED_LAYOUT, LayoutError
 from medcap.data.stats import summarize_prepared, write_plots
 from medcap.data.tables import CsvError
@@ -89,19 +90,30 @@ def cmd_phantoms(argv: list[str]) -> int:
 
 
 def cmd_prepare(argv: list[str]) -> int:
-    """``medcap data prepare ROOT --out DIR``: check a dataset and write manifests."""
+    """``medcap data prepare ROOT --out DIR``: check a dataset and write manifests. Exit code 2 for a
+    layout or option error, 1 when a split keeps no image."""
     p = argparse.ArgumentParser(
         prog="medcap data prepare",
-        description="Check a ROCOv2-layout dataset (or a folder of images + a CSV of ID,Caption) and "
-        "write per-split manifests, skipped tables and stats.",
+        description="Check a dataset (ROCOv2 / ImageCLEFmedical layouts, the Hub's parquet shards or "
+        "imagefolder, or a folder of images + a CSV of ID,Caption) and write per-split manifests, "
+        "skipped tables and stats.",
         epilog=EXPECTED_LAYOUT,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("root", nargs="?", help="dataset folder in a ROCOv2/ImageCLEFmedical layout")
+    p.add_argument(
+        "root",
+        nargs="?",
+        help="dataset folder (ROCOv2/ImageCLEFmedical layout, Hub parquet shards or imagefolder) or a .parquet file",
+    )
     p.add_argument("--out", required=True, help="output folder for the prepared data")
     p.add_argument("--splits", help="comma-separated splits (default: those of train,valid,test present)")
     p.add_argument(
-        "--color-policy", choices=COLOR_POLICIES, default="stored-rgb", help="which images to keep"
+        "--color-policy",
+        choices=POLICY_CHOICES,
+        default="auto",
+        help="which images to keep: stored-rgb (files stored with 3 channels: the original ROCOv2 recipe), "
+        "true-color (images whose channels really differ), all; auto (default): stored-rgb for ROCOv2 "
+        "data, all for your own data",
     )
     p.add_argument(
         "--max-pixels",
@@ -129,7 +141,14 @@ def cmd_prepare(argv: list[str]) -> int:
     p.add_argument("--captions", help="your own data: CSV of ID,Caption")
     p.add_argument("--concepts", help="your own data: CSV of ID,CUIs (optional)")
     p.add_argument("--concepts-manual", help="your own data: CSV of ID,CUIs giving the modality (optional)")
-    p.add_argument("--split-name", default="data", help="split name for your own data (default: data)")
+    p.add_argument("--split-name", default="data", help="split name for data without splits (default: data)")
+    p.add_argument(
+        "--split",
+        dest="divide",
+        metavar="FRACTIONS",
+        help="divide data without splits into train,valid[,test] by these fractions, e.g. 0.8,0.1,0.1",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the --split division (default 0)")
     p.add_argument("--encoding", default="utf-8", help="encoding of the CSV files (default utf-8)")
     p.add_argument(
         "--encoding-errors",
@@ -140,6 +159,7 @@ def cmd_prepare(argv: list[str]) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
     try:
+        fractions = parse_fractions(a.divide) if a.divide else None
         results = prepare_dataset(
             a.root,
             a.out,
@@ -156,6 +176,8 @@ def cmd_prepare(argv: list[str]) -> int:
             concepts=a.concepts,
             concepts_manual=a.concepts_manual,
             split_name=a.split_name,
+            divide_fractions=fractions,
+            seed=a.seed,
             encoding=a.encoding,
             encoding_errors=a.encoding_errors,
             progress=not a.no_progress,
@@ -166,14 +188,20 @@ def cmd_prepare(argv: list[str]) -> int:
     except OSError as e:  # e.g. an output folder that cannot be written
         print(f"medcap data prepare: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return 1
+    warnings = []
     for name, st in results.items():
         reasons = ", ".join(f"{k} {v}" for k, v in st["skipped_by_reason"].items()) or "none"
         print(
             f"{name}: rows in {st['rows_in']} = kept {st['kept']} + skipped {st['skipped']} "
-            f"({reasons}); {st['seconds']:.1f} s"
+            f"({reasons}); colour policy {st['color_policy']} ({st['color_policy_source']}); "
+            f"{st['seconds']:.1f} s"
         )
+        warnings += st["warnings"]
     print(f"wrote {Path(a.out) / 'prepare.json'}; see 'medcap data stats {a.out}'")
-    return 0
+    for text in warnings:
+        print(f"WARNING: {text}", file=sys.stderr)
+    empty = [name for name, st in results.items() if st["rows_in"] and not st["kept"]]
+    return 1 if empty else 0
 
 
 def cmd_stats(argv: list[str]) -> int:
@@ -193,6 +221,46 @@ def cmd_stats(argv: list[str]) -> int:
     if not a.no_plots:
         for path in write_plots(Path(a.dir), stats):
             print(f"wrote {path}")
+    return 0
+
+
+def cmd_to_datasets(argv: list[str]) -> int:
+    """``medcap data to-datasets PREP --out DIR [--format arrow|parquet]``: a prepared folder as a
+    ``datasets`` dataset. Exit code 2 for a missing prepared split or an occupied --out."""
+    from medcap.data.to_datasets import prepared_to_datasets
+
+    p = argparse.ArgumentParser(
+        prog="medcap data to-datasets",
+        description="Write a prepared folder as a Hugging Face datasets dataset (images embedded).",
+    )
+    p.add_argument("prepared", help="folder written by 'medcap data prepare'")
+    p.add_argument("--out", required=True, help="new folder for the dataset")
+    p.add_argument("--splits", help="comma-separated splits (default: every prepared split)")
+    p.add_argument(
+        "--format",
+        choices=("arrow", "parquet"),
+        default="arrow",
+        help="arrow: datasets.load_from_disk(OUT); parquet: the Hub's layout OUT/data/<split>-*.parquet",
+    )
+    a = p.parse_args(argv)
+    try:
+        done = prepared_to_datasets(
+            a.prepared,
+            a.out,
+            splits=[s.strip() for s in a.splits.split(",") if s.strip()] if a.splits else None,
+            fmt=a.format,
+        )
+    except (LayoutError, CsvError, FileExistsError) as e:
+        print(f"medcap data to-datasets: {e}", file=sys.stderr)
+        return 2
+    for name, entry in done["splits"].items():
+        print(f"{name}: {entry['rows']:,} rows")
+    how = (
+        f"datasets.load_from_disk({str(a.out)!r})"
+        if a.format == "arrow"
+        else f"datasets.load_dataset('parquet', data_dir={str(Path(a.out) / 'data')!r})"
+    )
+    print(f"wrote {a.out}; read it with {how}")
     return 0
 
 

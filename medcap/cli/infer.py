@@ -312,12 +312,24 @@ def _export_parser() -> argparse.ArgumentParser:
         "--license", default=None, help="licence id for the model card (default: from data and base)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument(
+        "--push-to-hub",
+        metavar="REPO",
+        help="also upload the export to the Hugging Face Hub as REPO (owner/name; needs a token: "
+        "`hf auth login` or HF_TOKEN). An adapter with its own base/ pushes that base as REPO-base",
+    )
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: a private repository")
     return p
 
 
 def cmd_export(argv: list[str]) -> int:
-    """``medcap export``."""
-    args = _export_parser().parse_args(argv)
+    """``medcap export --adapter CKPT --out DIR [--merge] [--push-to-hub REPO [--private]]``: exit code
+    2 for a bad checkpoint, output folder or push target (all checked before the model loads), 1 when
+    the upload fails after the export was written."""
+    p = _export_parser()
+    args = p.parse_args(argv)
+    if args.private and not args.push_to_hub:
+        p.error("--private is for --push-to-hub REPO")
     try:
         out = export(
             args.adapter,
@@ -326,10 +338,17 @@ def cmd_export(argv: list[str]) -> int:
             dataset=args.dataset,
             license=args.license,
             overwrite=args.overwrite,
+            push_to_hub=args.push_to_hub,
+            private=args.private,
         )
     except (ExportError, FileNotFoundError) as e:
         print(f"medcap export: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the hub refused the upload (huggingface_hub's HTTP errors are OSErrors)
+        from medcap.data.images import plain_message
+
+        print(f"medcap export: the upload to the hub failed: {plain_message(e)}", file=sys.stderr)
+        return 1
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     kind = "base + adapter" if (out / "adapter_config.json").is_file() else "full model, plain transformers"
     print(f"exported to {out} ({kind}): {', '.join(files)}")

@@ -22,7 +22,8 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="medcap serve",
-        description="Serve captions over HTTP (POST /v1/captions) with a web page at /.",
+        description="Serve captions over HTTP (POST /v1/captions) with a web page at /, the OpenAI-compatible "
+        "API (GET /v1/models, POST /v1/chat/completions with a base64 data URL) and Prometheus metrics at /metrics.",
     )
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="base model: hub id, local folder (e.g. a merged export) or 'tiny'")
@@ -49,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--token", default=None, help="require 'Authorization: Bearer TOKEN' on /v1/* (or MEDCAP_TOKEN)"
+    )
+    p.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the model id of the OpenAI-compatible API (default: medcap/RUN for a checkpoint, medcap/FOLDER for "
+        "an adapter, else the base model's name)",
     )
     d = ServeLimits()
     p.add_argument(
@@ -164,13 +171,16 @@ def cmd_serve(argv: list[str]) -> int:
         limits=limits,
         batching=batching,
         token=token,
+        model_id=args.served_model_name,
     )
     if args.host not in ("127.0.0.1", "localhost", "::1") and not token:
         log.warning(
             "listening on %s without --token: anyone who can reach this port can use the model", args.host
         )
     print(
-        f"medcap serve: http://{args.host}:{args.port}/  (API docs: /docs, schema: /openapi.json)", flush=True
+        f"medcap serve: http://{args.host}:{args.port}/  (API docs: /docs, schema: /openapi.json; OpenAI-compatible "
+        f"API: http://{args.host}:{args.port}/v1 as model {app.state.service.model_id!r}; Prometheus: /metrics)",
+        flush=True,
     )
     config = uvicorn_config(
         app,

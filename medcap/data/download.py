@@ -18,6 +18,7 @@ for tests (a local server on loopback).
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import hashlib
 import http.client
@@ -77,6 +78,24 @@ _RETRYABLE = (
     TimeoutError,
     socket.timeout,
 )
+
+
+def unreachable(e: BaseException, url: str) -> str | None:
+    """Why the host of ``url`` cannot be reached at all, when retrying cannot help (its name does not
+    resolve: no network or no DNS; the network is down; the connection is refused), else None."""
+    reason = e.reason if isinstance(e, urllib.error.URLError) else e
+    host = urllib.parse.urlsplit(url).hostname or url
+    fix = (
+        "medcap data download needs the internet: run it on a machine that has it and copy the folder "
+        "here, or pass --base-url for a reachable mirror of the Zenodo record"
+    )
+    if isinstance(reason, socket.gaierror):
+        return f"cannot resolve the host {host} ({reason.strerror or reason}): this machine is offline or has no DNS. {fix}"
+    if isinstance(reason, ConnectionRefusedError):
+        return f"{host} refused the connection ({reason.strerror or reason}). {fix}"
+    if isinstance(reason, OSError) and reason.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+        return f"no route to {host} ({reason.strerror or reason}): the network is down. {fix}"
+    return None
 
 
 def check_url(url: str, what: str) -> str:
@@ -204,6 +223,9 @@ def fetch_record(
                 ) from None
             last = e
         except _RETRYABLE as e:
+            why = unreachable(e, url)
+            if why is not None:  # six tries with back-off took a minute to say the same
+                raise DownloadError(f"{url}: {why}") from None
             last = e
         except json.JSONDecodeError as e:
             raise DownloadError(f"{url}: the answer is not JSON ({e}); check --base-url") from None
@@ -320,7 +342,7 @@ def download_file(
                 else:
                     last = e
             except _RETRYABLE as e:
-                last = e
+                last = e  # the host answered the listing a moment ago: retried (and resumed)
             _sleep(attempt, backoff)
         else:
             raise DownloadError(

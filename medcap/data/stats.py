@@ -24,6 +24,15 @@ def _fmt_table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+def _policies(meta: dict[str, Any]) -> str:
+    """The colour policy asked for, and what ``auto`` chose per split."""
+    chosen = meta.get("color_policy")
+    per_split = meta.get("color_policies") or {}
+    if chosen == "auto" and per_split:
+        return "auto (" + ", ".join(f"{k}: {v}" for k, v in per_split.items()) + ")"
+    return str(chosen)
+
+
 def summarize_prepared(prep: Path) -> tuple[str, dict[str, dict[str, Any]]]:
     """A readable summary of a prepared folder, and the per-split stats it was built from."""
     prep = Path(prep)
@@ -40,7 +49,7 @@ def summarize_prepared(prep: Path) -> tuple[str, dict[str, dict[str, Any]]]:
             stats[name] = json.loads(sp.read_text(encoding="utf-8"))
     out = [
         f"Prepared data in {prep.resolve()}",
-        f"  from {meta.get('root') or 'a folder of images + captions CSV'}; colour policy {meta.get('color_policy')}",
+        f"  from {meta.get('root') or 'a folder of images + captions CSV'}; colour policy {_policies(meta)}",
         "",
         "Counts per split (rows in = kept + skipped):",
     ]
@@ -53,6 +62,9 @@ def summarize_prepared(prep: Path) -> tuple[str, dict[str, dict[str, Any]]]:
             ["total", *(sum(s[k] for s in stats.values()) for k in ("rows_in", "kept", "skipped")), "", ""]
         )
     out.append(_fmt_table(["split", "rows in", "kept", "skipped", "reconciled", "IDs"], rows))
+    warnings = [w for s in stats.values() for w in s.get("warnings", [])]
+    if warnings:
+        out += ["", *(f"WARNING: {w}" for w in warnings)]
     out += ["", "Skipped, by reason:"]
     for n, s in stats.items():
         reasons = ", ".join(f"{k} {v:,}" for k, v in s["skipped_by_reason"].items()) or "none"

@@ -1,7 +1,8 @@
 """Evaluation: score a submission against references, bootstrap intervals, compare two runs.
 
 ``medcap evaluate --predictions FILE --references CSV --protocol imageclef2024|imageclef2025|coco``
-reads predictions in the submission format (``ID,Caption``) and references (a ROCOv2 captions CSV
+reads predictions in the submission format (``ID,Caption``; also TSV and JSON Lines, see
+``medcap.eval.predictions``) and references (a ROCOv2 captions CSV
 ``ID,Caption`` or a prepared ``manifest.csv`` with ``id,caption,image``), pairs them by ID and
 writes ``OUT/metrics.json`` (means, bootstrap 95% intervals, protocol, models, unavailable metrics
 with reasons) and ``OUT/per_caption.csv`` (one row per pair, one column per metric).
@@ -21,9 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from medcap.data.tables import CsvError, decode_csv_bytes, iter_csv_records, read_csv_dicts
+from medcap.data.tables import CsvError, read_csv_dicts
 from medcap.eval.bertscore import resolve_bertscore_model
+from medcap.eval.errors import EvaluationError
 from medcap.eval.metrics import MetricsConfig, score_captions
+from medcap.eval.predictions import read_predictions
 from medcap.layout import EvalLayout
 
 
@@ -97,44 +100,6 @@ PROTOCOLS: dict[str, Protocol] = {
         ),
     ),
 }
-
-
-class EvaluationError(ValueError):
-    """Bad evaluation input; the message names the file, row and what to do."""
-
-
-def read_predictions(path: str | Path) -> dict[str, str]:
-    """Read a submission file (``ID,Caption``, header optional) into ``{id: caption}`` in file order."""
-    path = Path(path)
-    if not path.is_file():
-        raise EvaluationError(f"predictions file {path} does not exist")
-    out: dict[str, str] = {}
-    try:
-        records = list(iter_csv_records(decode_csv_bytes(path.read_bytes(), str(path)), str(path)))
-    except CsvError as e:
-        raise EvaluationError(str(e)) from None
-    for rec in records:
-        row, rowno = rec.fields, rec.line
-        if rowno == 1 and row and row[0].strip().lower() == "id":
-            continue  # header, as the official checker treats it
-        if not row or all(not c.strip() for c in row):
-            raise EvaluationError(f"{path}, row {rowno}: blank line (the submission format allows none)")
-        problem = rec.problem()
-        if problem is not None:
-            raise EvaluationError(f"{path}, {problem}")
-        if len(row) < 2:
-            raise EvaluationError(
-                f"{path}, row {rowno}: expected '<image ID>,<caption>', got {','.join(row)!r}"
-            )
-        if len(row) > 2:
-            raise EvaluationError(
-                f"{path}, row {rowno}: {len(row)} fields; quote captions that contain commas"
-            )
-        image_id, caption = row[0].strip(), row[1]
-        if image_id in out:
-            raise EvaluationError(f"{path}, row {rowno}: image ID {image_id!r} appears more than once")
-        out[image_id] = caption
-    return out
 
 
 def read_references(path: str | Path) -> tuple[dict[str, str], dict[str, str]]:

@@ -16,7 +16,13 @@
 
   When the base is not downloadable (the built-in tiny model, a random-init model) or training
   changed base weights outside the adapter (a fully trained Q-Former, a projection), that base is
-  written to ``DIR/base`` and the adapter goes on it instead.
+  written to ``DIR/base`` and the adapter goes on it instead. ``adapter_config.json`` then names the
+  absolute path of ``DIR/base``, so ``AutoPeftModel.from_pretrained(DIR)`` works from any working
+  directory; medcap also finds ``base/`` beside the adapter when the folder was moved or copied.
+
+With ``push_to_hub`` the export is uploaded to the Hub (``medcap.infer.hub_push``: the adapter's
+own base goes to ``REPO-base``, which the pushed ``adapter_config.json`` names). The repository id,
+the token and the hub are checked before the model loads.
 
 Both carry ``README.md``, a Hugging Face model card (YAML metadata: base model, library, tags,
 datasets, license, pipeline tag; then the training settings and the run's evaluation metrics), and
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -100,11 +107,15 @@ def export(
     dataset: str | None = None,
     license: str | None = None,
     overwrite: bool = False,
+    push_to_hub: str | None = None,
+    private: bool = False,
 ) -> Path:
     """Export the checkpoint ``adapter_dir`` to ``out`` (merged weights or base + adapter); see module doc.
 
     The folder is written under a temporary name and renamed at the end, so a failure never leaves
-    half an export. Returns ``out``.
+    half an export; it gets the permissions of any new folder (the umask), not the temporary
+    folder's 0700. ``push_to_hub`` (``owner/name``) then uploads it (``private``: a private
+    repository). Everything that can be checked without the model is checked first. Returns ``out``.
     """
     from peft import PeftModel
 
@@ -116,6 +127,13 @@ def export(
     occupied = (out.is_dir() and any(out.iterdir())) or (out.exists() and not out.is_dir())
     if occupied and not overwrite:
         raise ExportError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
+    if push_to_hub is not None:
+        from medcap.infer.hub_push import PushError, check_push_target
+
+        try:
+            check_push_target(push_to_hub)
+        except PushError as e:
+            raise ExportError(str(e)) from None
     model, processor = _load_unquantized(checkpoint, run_cfg)
     family = model.medcap_family
     is_peft = isinstance(model, PeftModel)
@@ -159,29 +177,46 @@ def export(
                 base_model.save_pretrained(str(staging / "base"))
                 processor.save_pretrained(str(staging / "base"))
                 base_dir_written = True
-                _set_adapter_base(staging, "base")
+                # Absolute: resolves from any working directory (PEFT resolves it against the cwd).
+                _set_adapter_base(staging, str(out.resolve() / "base"))
             else:
                 _set_adapter_base(staging, base_name)
         shutil.copyfile(CheckpointLayout(checkpoint).config, staging / "medcap_config.yaml")
         run_dir = run_of_checkpoint(checkpoint.resolve())
-        card = model_card(
-            run_cfg,
-            family,
-            merged=merge,
-            base_dir_written=base_dir_written,
-            metrics=read_metrics(run_dir),
-            log_summary={**log_summary(run_dir), **checkpoint_summary(checkpoint)},
-            dataset=dataset,
-            license=license,
-            name=out.name,
-        )
-        (staging / "README.md").write_text(card, encoding="utf-8")
+        card_inputs = {
+            "merged": merge,
+            "base_dir_written": base_dir_written,
+            "metrics": read_metrics(run_dir),
+            "log_summary": {**log_summary(run_dir), **checkpoint_summary(checkpoint)},
+            "dataset": dataset,
+            "license": license,
+            "name": out.name,
+            **_processor_text(family, processor, run_cfg.model.prompt),
+        }
+        model_card(run_cfg, family, **card_inputs).save(staging / "README.md")
+        _normal_permissions(staging)
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         staging.rename(out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if push_to_hub is not None:
+        from medcap.infer.hub_push import base_repo_of, push_export
+
+        hub_card = model_card(
+            run_cfg,
+            family,
+            **card_inputs,
+            hub_repo=push_to_hub,
+            hub_base_repo=base_repo_of(push_to_hub) if base_dir_written else None,
+        )
+        print(f"export: pushing {out} to the hub as {push_to_hub}{' (private)' if private else ''}")
+        pushed = push_export(out, push_to_hub, private=private, hub_card=str(hub_card))
+        print(
+            f"export: pushed to {pushed['url']}"
+            + (f" (base: {pushed['base_repo']})" if "base_repo" in pushed else "")
+        )
     return out
 
 
@@ -225,6 +260,23 @@ def export_notes(run_cfg: RunConfig, merge: bool, converted: bool) -> list[str]:
     if peft.train_norms:
         notes.append("the trained norm layers travel in the adapter (peft's modules_to_save)")
     return notes
+
+
+def _processor_text(family: Any, processor: Any, prompt: str) -> dict[str, Any]:
+    """For families that lay the prompt out around an image placeholder (a chat template), the exact
+    text their processor takes, so the card's loading snippet reproduces what medcap generates from."""
+    layout = getattr(family, "layout", None)
+    if layout is None:  # BLIP-2: the processor takes the bare prompt
+        return {}
+    made = layout(processor, prompt)
+    return {"processor_text": made.text, "nested_images": made.nested_images}
+
+
+def _normal_permissions(folder: Path) -> None:
+    """Give ``folder`` (made by ``tempfile.mkdtemp``, 0700) the mode a new folder gets under the umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(folder, 0o777 & ~mask)
 
 
 def _set_adapter_base(folder: Path, base: str) -> None:

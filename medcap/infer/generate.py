@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
@@ -312,9 +313,12 @@ def load_captioner(
                 if not model:
                     raise ValueError(f"{adapter_dir}/adapter_config.json names no base model; pass --model")
                 # `medcap export` ships a base that cannot be downloaded (tiny, random-init) in
-                # ADAPTER/base and names it relatively: resolve it against the adapter, not the cwd.
+                # ADAPTER/base and names its absolute path (older exports: "base", relative to the
+                # adapter). A moved or copied export still has it beside the adapter: use that.
                 if not Path(model).is_absolute() and (adapter_dir / model / "config.json").is_file():
                     model = str(adapter_dir / model)
+                elif not Path(model).exists() and (adapter_dir / "base" / "config.json").is_file():
+                    model = str(adapter_dir / "base")
         if model is None:
             raise ValueError("give --model NAME_OR_PATH (or 'tiny'), or --checkpoint DIR")
         with _quiet_logger("medcap.config.model"):
@@ -335,11 +339,15 @@ def load_captioner(
                     "adapter folder again"
                 ) from None
             net.eval()
+        # An export carries its run's settings (medcap_config.yaml): caption with the prompt and
+        # decoding defaults it was trained with, as `medcap serve` does.
+        exported, cfg_path = medcap_config_near(adapter_dir, model if Path(model).is_dir() else None)
         cap = Captioner(
             model=net,
             processor=processor,
             family=family_of(net),
-            prompt=prompt or "",
+            prompt=((exported.get("model") or {}).get("prompt") or "") if prompt is None else prompt,
+            gen=export_generate_defaults(exported, str(cfg_path)) if cfg_path else GenerateConfig(),
             info={"base": model, "adapter": str(adapter_dir) if adapter_dir else None, "checkpoint": None},
         )
     quantized = getattr(cap.model, "is_loaded_in_8bit", False) or getattr(
@@ -355,6 +363,40 @@ def load_captioner(
         cap.info["concepts"] = str(cap.guide.predictor.concepts.checkpoint)
         cap.info["prompt_with"] = cap.guide.how
     return cap
+
+
+def medcap_config_near(*folders: str | Path | None) -> tuple[dict[str, Any], Path | None]:
+    """The run config an export carries (``medcap_config.yaml``, written by ``medcap export``).
+
+    Read as plain data on purpose: an export may come from another medcap version, and serving it
+    needs only its prompt and decoding settings (unknown settings are dropped with a warning).
+    """
+    import yaml
+
+    for folder in folders:
+        path = Path(folder) / "medcap_config.yaml" if folder is not None else None
+        if path is not None and path.is_file():
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            if isinstance(data, dict):
+                return data, path
+    return {}, None
+
+
+def export_generate_defaults(run_cfg: dict[str, Any], where: str) -> GenerateConfig:
+    """The decoding defaults of an export's run config (``medcap_config_near``); ``where`` names it in messages."""
+    from medcap.config.loader import ConfigError, from_dict
+
+    section = dict(run_cfg.get("generate") or {})
+    known = {f.name for f in dataclasses.fields(GenerateConfig)}
+    dropped = sorted(set(section) - known)
+    if dropped:
+        logging.getLogger("medcap").warning(
+            "%s: generate settings this version does not know, ignored: %s", where, ", ".join(dropped)
+        )
+    try:
+        return from_dict(GenerateConfig, {k: v for k, v in section.items() if k in known})
+    except ConfigError as e:
+        raise ValueError(f"{where}: generate: {e}") from None
 
 
 def prefetched(

@@ -1,6 +1,7 @@
-"""The README.md of an export: a Hugging Face model card (YAML metadata: base model, library, tags,
-datasets, license, pipeline tag, model-index), how to load the model, the training settings and the
-run's evaluation metrics."""
+"""The README.md of an export: a Hugging Face model card built with huggingface_hub's ``ModelCard``,
+``ModelCardData`` and ``EvalResult`` (metadata: base model, library, tags, datasets, license, pipeline
+tag, model-index with the evaluated metrics only), how to load the model, the training settings and
+the run's evaluation metrics with their bootstrap 95% intervals."""
 
 from __future__ import annotations
 
@@ -11,8 +12,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 import medcap
 from medcap.config.loader import to_dict
@@ -186,6 +185,64 @@ def _yaml_scalar_rows(section: dict[str, Any] | None, prefix: str = "") -> list[
     return rows
 
 
+@dataclass(frozen=True)
+class CardPlace:
+    """Where the card's model lives, for its loading instructions."""
+
+    model: str = "PATH_TO_THIS_FOLDER"
+    """The folder (or hub repository) of this export."""
+    base: str | None = None
+    """The base a user loads the adapter on: a hub id, the export's ``base/`` folder, or the hub
+    repository it was pushed to; None for a merged export."""
+
+
+def _card_data(
+    run_cfg: RunConfig,
+    family: ModelFamily,
+    *,
+    merged: bool,
+    dataset: str | None,
+    detected: str,
+    license: str,
+    name: str,
+    hub_base: str | None,
+    rows_by_split: dict[str, list[MetricRow]],
+) -> Any:
+    """The card's metadata as huggingface_hub's ``ModelCardData``, its metrics as ``EvalResult``s."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    method = run_cfg.model.peft.method
+    tags = ["medcap", family.name, "image-captioning", "radiology", "medical"]
+    if method != "none":
+        tags.append(method)
+    if not merged and method != "none":
+        tags.append(f"base_model:adapter:{hub_base}" if hub_base else "adapter")
+    results = [
+        EvalResult(
+            task_type="image-to-text",
+            task_name="Radiology image captioning",
+            dataset_type=dataset or detected,
+            dataset_name=dataset or detected,
+            dataset_split=split,
+            metric_type=row.name,
+            metric_name=row.name,
+            metric_value=round(row.value, 6),
+        )
+        for split, rows in rows_by_split.items()
+        for row in rows
+    ]
+    return ModelCardData(
+        base_model=hub_base,
+        library_name="transformers" if merged else "peft",
+        pipeline_tag="image-to-text",
+        license=license,
+        tags=tags,
+        datasets=[dataset] if dataset else None,
+        model_name=name,
+        eval_results=results or None,
+    )
+
+
 def model_card(
     run_cfg: RunConfig,
     family: ModelFamily,
@@ -197,8 +254,21 @@ def model_card(
     dataset: str | None = None,
     license: str | None = None,
     name: str = "medcap-model",
-) -> str:
-    """The README.md of an export: Hugging Face YAML metadata, how to load it, settings and metrics."""
+    hub_repo: str | None = None,
+    hub_base_repo: str | None = None,
+    processor_text: str | None = None,
+    nested_images: bool = False,
+) -> Any:
+    """The README.md of an export as a ``huggingface_hub.ModelCard``: metadata (``ModelCardData``,
+    metrics as ``EvalResult``s), how to load it, the settings and the metrics with their intervals.
+
+    ``hub_repo``: the card of the copy pushed there (loading instructions name the repository);
+    ``hub_base_repo``: where the export's ``base/`` was pushed, when it has one. ``processor_text``:
+    the exact text the processor takes with each image (the image placeholder and the prompt through
+    the family's chat template), for families whose processor does not take the bare prompt;
+    ``nested_images``: that processor takes one list of images per text."""
+    from huggingface_hub import ModelCard
+
     model_cfg = to_dict(run_cfg.model)
     base = run_cfg.model.name_or_path
     peft_cfg = model_cfg["peft"]
@@ -210,38 +280,29 @@ def model_card(
         license = ROCOV2_LICENSE if detected == "rocov2" else family.base_licenses.get(base, "apache-2.0")
     is_public_base = not (base in family.tiny_names or run_cfg.model.random_init) and not Path(base).is_dir()
     model_class, processor_class = family.export_classes
-
-    meta: dict[str, Any] = {}
-    if is_public_base:
-        meta["base_model"] = base
-    meta["library_name"] = "transformers" if merged else "peft"
-    meta["pipeline_tag"] = "image-to-text"
-    meta["license"] = license
-    tags = ["medcap", family.name, "image-captioning", "radiology", "medical"]
-    if method != "none":
-        tags.append(method)
-    if not merged and method != "none":
-        tags.append(f"base_model:adapter:{base}" if is_public_base else "adapter")
-    meta["tags"] = tags
-    if dataset:
-        meta["datasets"] = [dataset]
     rows_by_split = {split: metric_rows(m) for split, m in metrics.items()}
-    if any(rows_by_split.values()):
-        results = []
-        for split, rows in rows_by_split.items():
-            if not rows:
-                continue
-            results.append(
-                {
-                    "task": {"type": "image-to-text", "name": "Radiology image captioning"},
-                    "dataset": {"name": dataset or detected, "type": dataset or detected, "split": split},
-                    "metrics": [{"type": r.name, "name": r.name, "value": round(r.value, 6)} for r in rows],
-                }
-            )
-        meta["model-index"] = [{"name": name, "results": results}]
+    rows_by_split = {split: rows for split, rows in rows_by_split.items() if rows}
+    if base_dir_written:
+        hub_base = hub_base_repo  # the export's own base, where it was pushed
+    else:
+        hub_base = base if is_public_base else None
+    place = CardPlace(
+        model=hub_repo or "PATH_TO_THIS_FOLDER",
+        base=None if merged else (hub_base_repo or "PATH_TO_THIS_FOLDER/base") if base_dir_written else base,
+    )
+    data = _card_data(
+        run_cfg,
+        family,
+        merged=merged,
+        dataset=dataset,
+        detected=detected,
+        license=license,
+        name=name,
+        hub_base=hub_base,
+        rows_by_split=rows_by_split,
+    )
 
-    lines = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(), "---", ""]
-    lines += [f"# {name}", ""]
+    lines = [f"# {name}", ""]
     label = {"lora": "LoRA", "dora": "DoRA", "rslora": "rsLoRA", "ia3": "(IA)3"}.get(method, method)
     trained = [
         part
@@ -285,51 +346,67 @@ def model_card(
         lines += [
             f"from transformers import {model_class}, {processor_class}",
             "",
-            f'model = {model_class}.from_pretrained("PATH_TO_THIS_FOLDER")',
-            f'processor = {processor_class}.from_pretrained("PATH_TO_THIS_FOLDER")',
+            f'model = {model_class}.from_pretrained("{place.model}")',
+            f'processor = {processor_class}.from_pretrained("{place.model}")',
         ]
     else:
-        base_ref = '"PATH_TO_THIS_FOLDER/base"' if base_dir_written else f'"{base}"'
         lines += [
             "from peft import PeftModel",
             f"from transformers import {model_class}, {processor_class}",
             "",
-            f"base = {model_class}.from_pretrained({base_ref})",
-            'model = PeftModel.from_pretrained(base, "PATH_TO_THIS_FOLDER")',
-            f'processor = {processor_class}.from_pretrained("PATH_TO_THIS_FOLDER")',
+            f'base = {model_class}.from_pretrained("{place.base}")',
+            f'model = PeftModel.from_pretrained(base, "{place.model}")',
+            f'processor = {processor_class}.from_pretrained("{place.model}")',
         ]
     lines += [
         "",
         "from PIL import Image",
         'image = Image.open("image.jpg").convert("RGB")',
-        f"inputs = processor(images=image, text={prompt!r}, return_tensors='pt')",
+        (
+            f"inputs = processor(images=image, text={prompt!r}, return_tensors='pt')"
+            if processor_text is None
+            else f"inputs = processor(images={'[[image]]' if nested_images else '[image]'}, "
+            f"text=[{processor_text!r}], add_special_tokens=False, return_tensors='pt')"
+        ),
         "out = model.generate(**inputs, max_new_tokens=40)",
     ]
     if family.decoder_only:
         lines += [
             "out = out[:, inputs['input_ids'].shape[1]:]  # a decoder-only model repeats the prompt: drop it"
         ]
-    lines += [
-        "print(processor.batch_decode(out, skip_special_tokens=True)[0].strip())",
-        "```",
-        "",
-        "Or serve it with a web page and an HTTP API:",
-        "",
-        "```bash",
-        "medcap serve --model PATH_TO_THIS_FOLDER"
-        if merged
-        else (
-            "medcap serve --model PATH_TO_THIS_FOLDER/base --adapter PATH_TO_THIS_FOLDER"
+    lines += ["print(processor.batch_decode(out, skip_special_tokens=True)[0].strip())", "```", ""]
+    if not merged:
+        where = (
+            "the Hub"
+            if hub_repo
+            else "this folder's own `base/` (its absolute path)"
             if base_dir_written
-            else f"medcap serve --model {base} --adapter PATH_TO_THIS_FOLDER"
-        ),
-        "```",
-        "",
-    ]
+            else "the Hub"
+        )
+        lines += [
+            f"The adapter's `adapter_config.json` names its base ({where}), so PEFT's own loader also works "
+            f'in one line: `from peft import AutoPeftModel; model = AutoPeftModel.from_pretrained("{place.model}")`.',
+            "",
+        ]
+    folder = "DIR" if hub_repo else "PATH_TO_THIS_FOLDER"
+    serve = (
+        f"medcap serve --model {folder}"
+        if merged
+        else f"medcap serve --adapter {folder}"  # the adapter names its base; medcap finds base/ beside it
+    )
+    lines += ["Or serve it with a web page, an HTTP API and an OpenAI-compatible API:", "", "```bash"]
+    if hub_repo:
+        lines.append(f"hf download {hub_repo} --local-dir DIR")
+    lines += [serve, "```", ""]
     if base_dir_written:
         lines += [
-            "`base/` holds the base weights this adapter was trained on: they are not downloadable "
-            "(a built-in or random-initialised model) or training changed them outside the adapter.",
+            (
+                f"The base weights this adapter was trained on are in `{hub_base_repo}`"
+                if hub_base_repo
+                else "`base/` holds the base weights this adapter was trained on"
+            )
+            + ": they are not downloadable from their source (a built-in or random-initialised model) or "
+            "training changed them outside the adapter.",
             "",
         ]
 
@@ -371,7 +448,8 @@ def model_card(
         "The run's resolved configuration is in `medcap_config.yaml`.",
         "",
     ]
-    return "\n".join(lines)
+    content = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
+    return ModelCard(content)
 
 
 def _cell(value: Any) -> str:
@@ -379,4 +457,4 @@ def _cell(value: Any) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-__all__ = ["ROCOV2_HUB_ID", "ROCOV2_LICENSE", "MetricRow", "metric_rows", "model_card"]
+__all__ = ["ROCOV2_HUB_ID", "ROCOV2_LICENSE", "CardPlace", "MetricRow", "metric_rows", "model_card"]

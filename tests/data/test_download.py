@@ -300,3 +300,27 @@ def test_download_file_skips_complete_file_from_earlier_run(zenodo, tmp_path):
     zenodo.requests.clear()
     assert download_file(rf, tmp_path, progress=False) == tmp_path / "valid_captions.csv"
     assert zenodo.requests == []
+
+
+@pytest.mark.parametrize(
+    ("base_url", "message"),
+    [
+        ("http://medcap-no-such-host.invalid", "cannot resolve the host medcap-no-such-host.invalid"),
+        ("http://127.0.0.1:{port}", "127.0.0.1 refused the connection"),
+    ],
+)
+def test_offline_fails_within_seconds_naming_the_host(tmp_path, capsys, base_url, message):
+    """Offline, six tries with back-off took 63 s to say 'Name or service not known'."""
+    import socket
+    import time
+
+    from medcap.cli import main
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.perf_counter()
+    rc = main(["data", "download", "--out", str(tmp_path / "dl"), "--base-url", base_url.format(port=port)])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "--base-url" in err
+    assert time.perf_counter() - t0 < 10

@@ -172,9 +172,14 @@ CASES: list[tuple[str, object, str]] = [
         "row 3: the caption holds a line-break character",
     ),
     (
-        "space around caption",
-        lambda lines: "\n".join([*lines[:5], f"{IDS[4]}, padded "]) + "\n",
-        "row 6: the caption has leading or trailing whitespace",
+        "json lines",
+        lambda lines: "\n".join(f'{{"ID": "{i}", "Caption": "x"}}' for i in IDS) + "\n",
+        "row 1: the file is JSON (JSON Lines or an array), not a CSV",
+    ),
+    (
+        "tab separated",
+        lambda lines: "\n".join(line.replace(",", "\t", 1) for line in lines) + "\n",
+        "row 1: the file is tab separated",
     ),
     (
         "space around id",
@@ -241,6 +246,41 @@ def test_empty_captions_warn_but_pass(tmp_path: Path, refs: Path) -> None:
     check = inspect_submission(_write(tmp_path, "\n".join(lines) + "\n"), refs)
     assert check.ok and check.rows == 5
     assert check.warnings and "1 empty captions (rows 3)" in check.warnings[0]
+
+
+def test_whitespace_around_a_caption_is_a_warning(tmp_path: Path, refs: Path) -> None:
+    lines = _good_lines()
+    lines[5] = f"{IDS[4]}, padded "
+    check = inspect_submission(_write(tmp_path, "\n".join(lines) + "\n"), refs)
+    assert check.ok, check.errors
+    assert check.warnings == [
+        "1 captions have leading or trailing whitespace (rows 6): allowed, the scorer strips it "
+        "(medcap's own submissions are written stripped)"
+    ]
+    # Around an ID it is still an error: the ID would not match.
+    lines[5] = f" {IDS[4]},padded"
+    assert not inspect_submission(_write(tmp_path, "\n".join(lines) + "\n", "id.csv"), refs).ok
+
+
+def test_the_real_references_as_a_submission_pass_with_a_whitespace_warning(tmp_path: Path) -> None:
+    """About 400 real ROCOv2 valid captions start or end with whitespace; submitting the references
+    themselves (line breaks made spaces, nothing stripped) must pass with one warning counting them."""
+    valid = SHARED / "data" / "rocov2-valid" / "valid_captions.csv"
+    if not valid.is_file():
+        skip_missing(f"real ROCOv2 captions not found at {valid}")
+    with valid.open(encoding="utf-8", newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    captions = [" ".join(c.splitlines()) if "\n" in c or "\r" in c else c for _, c in rows]
+    padded = sum(c != c.strip() for c in captions)
+    assert padded > 300
+    sub = tmp_path / "refs_as_submission.csv"
+    with sub.open("w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["ID", "Caption"])
+        w.writerows(zip([i for i, _ in rows], captions, strict=True))
+    check = inspect_submission(sub, valid)
+    assert check.ok, check.errors[:3]
+    assert check.warnings[0].startswith(f"{padded} captions have leading or trailing whitespace")
 
 
 def test_many_errors_are_capped(tmp_path: Path) -> None:

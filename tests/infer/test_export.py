@@ -4,11 +4,17 @@ the same outputs as the in-memory model; the model card carries metadata, settin
 from __future__ import annotations
 
 import json
+import os
+import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from huggingface_hub import ModelCard
 from PIL import Image
 
 from medcap.config.loader import from_dict
@@ -23,7 +29,8 @@ from medcap.model.checkpoint import load_checkpoint
 from medcap.model.families import BLIP2_OPT
 from medcap.pipeline import bertscore_model
 from medcap.train.recipe import fit
-from tests.fixtures import make_prepared, tiny_overrides
+from tests.fixtures import SUBPROCESS_ENV, make_prepared, tiny_overrides
+from tests.infer.hub_standin import HubStandIn
 
 
 def _front_matter(text: str) -> dict:
@@ -139,8 +146,9 @@ def test_unmerged_export_loads_as_base_plus_adapter(adapter_export, reference, r
     out = adapter_export
     assert (out / "adapter_model.safetensors").is_file()
     config = json.loads((out / "adapter_config.json").read_text(encoding="utf-8"))
-    # The tiny base is not downloadable, so it ships in base/ and the adapter points there.
-    assert config["base_model_name_or_path"] == "base"
+    # The tiny base is not downloadable, so it ships in base/ and the adapter names it by its
+    # absolute path (PEFT resolves a relative one against the working directory).
+    assert config["base_model_name_or_path"] == str((out / "base").resolve())
     assert (out / "base" / "model.safetensors").is_file()
 
     base = Blip2ForConditionalGeneration.from_pretrained(out / "base")
@@ -231,7 +239,9 @@ def test_model_card_for_a_hub_base_trained_on_rocov2(tmp_path):
             "data": {"prepared": str(prep), "train_split": "train"},
         },
     )
-    card = model_card(run_cfg, BLIP2_OPT, merged=False, base_dir_written=False, metrics={}, log_summary={})
+    made = model_card(run_cfg, BLIP2_OPT, merged=False, base_dir_written=False, metrics={}, log_summary={})
+    assert isinstance(made, ModelCard) and made.data.base_model == "Salesforce/blip2-opt-2.7b"
+    card = str(made)
     meta = _front_matter(card)
     assert meta["base_model"] == "Salesforce/blip2-opt-2.7b"
     assert meta["datasets"] == ["eltorio/ROCOv2-radiology"]
@@ -244,7 +254,113 @@ def test_model_card_for_a_hub_base_trained_on_rocov2(tmp_path):
     root.mkdir()
     (root / "phantoms.json").write_text("{}")
     (prep / "prepare.json").write_text(json.dumps({"root": str(root)}))
-    card2 = model_card(run_cfg, BLIP2_OPT, merged=True, base_dir_written=False, metrics={}, log_summary={})
+    card2 = str(
+        model_card(run_cfg, BLIP2_OPT, merged=True, base_dir_written=False, metrics={}, log_summary={})
+    )
     meta2 = _front_matter(card2)
     assert "datasets" not in meta2 and meta2["license"] == "mit"
     assert meta2["library_name"] == "transformers" and "synthetic phantom" in card2
+
+
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o777 & ~mask
+
+
+def test_adapter_export_loads_with_peft_auto_loader_from_anywhere(
+    adapter_export, reference, run_dir, tmp_path, monkeypatch
+):
+    """The old export named its base "base", which PEFT resolves against the working directory."""
+    from peft import AutoPeftModel
+    from transformers import Blip2Processor
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    model = AutoPeftModel.from_pretrained(str(adapter_export)).eval()
+    processor = Blip2Processor.from_pretrained(adapter_export)
+    ref_model, ref_proc = reference
+    images = _images()
+    assert torch.allclose(_logits(ref_model, ref_proc, images), _logits(model, processor, images), atol=1e-6)
+    # Folders get the mode of any new folder (the staging folder of tempfile.mkdtemp is 0700).
+    assert stat.S_IMODE(adapter_export.stat().st_mode) == _umask_mode()
+    # A moved export (the recorded absolute path gone) still loads in medcap from base/ beside it.
+    moved = export(run_dir / "checkpoints" / "best", tmp_path / "before")
+    (tmp_path / "before").rename(tmp_path / "after")
+    cap = load_captioner(adapter=tmp_path / "after", device="cpu")
+    assert cap.info["base"] == str(tmp_path / "after" / "base") and not moved.exists()
+
+
+def test_push_to_hub_through_a_loopback_stand_in(run_dir, tmp_path):
+    """`medcap export --push-to-hub REPO --private` as a user runs it (HF_ENDPOINT, HF_TOKEN), against a
+    stand-in that implements exactly what create_repo and upload_folder call."""
+    out = tmp_path / "export"
+    with HubStandIn() as hub:
+        env = {**SUBPROCESS_ENV, "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": "hf_stand_in_token"}
+        env.pop("HF_HUB_OFFLINE", None)
+        run = subprocess.run(
+            [sys.executable, "-m", "medcap", "export", "--adapter", str(run_dir / "checkpoints" / "best")]
+            + ["--out", str(out), "--push-to-hub", "me/medcap-tiny", "--private"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert not hub.unexpected, hub.unexpected
+    assert set(hub.repos) == {"me/medcap-tiny", "me/medcap-tiny-base"}
+    assert {r.visibility for r in hub.repos.values()} == {"private"} and hub.tokens == {"hf_stand_in_token"}
+    pushed = hub.repos["me/medcap-tiny"].files
+    local = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert set(pushed) == {k for k in local if not k.startswith("base/")}
+    assert {k for k in pushed if pushed[k] != local[k]} == {"README.md", "adapter_config.json"}
+    # The base went to its own repository, which the pushed adapter names; the local one is untouched.
+    base = hub.repos["me/medcap-tiny-base"].files
+    assert base == {k[len("base/") :]: v for k, v in local.items() if k.startswith("base/")}
+    assert json.loads(pushed["adapter_config.json"])["base_model_name_or_path"] == "me/medcap-tiny-base"
+    assert json.loads(local["adapter_config.json"])["base_model_name_or_path"] == str(
+        (out / "base").resolve()
+    )
+    card = ModelCard(pushed["README.md"].decode())
+    assert (
+        card.data.base_model == "me/medcap-tiny-base"
+        and "base_model:adapter:me/medcap-tiny-base" in card.data.tags
+    )
+    assert (
+        'AutoPeftModel.from_pretrained("me/medcap-tiny")' in card.text
+        and "PATH_TO_THIS_FOLDER" not in card.text
+    )
+    assert ModelCard(local["README.md"].decode()).data.base_model is None  # the local card: base/ beside it
+
+
+def test_push_target_is_checked_before_the_model_loads(run_dir, tmp_path, capsys, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from medcap.cli import main
+    from medcap.model import build
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the push target was checked")
+
+    monkeypatch.setattr(build, "build_model", no_model)
+    ckpt = str(run_dir / "checkpoints" / "best")
+
+    def export_to(repo: str) -> str:
+        t0 = time.perf_counter()
+        rc = main(["export", "--adapter", ckpt, "--out", str(tmp_path / "x"), "--push-to-hub", repo])
+        assert rc == 2 and not (tmp_path / "x").exists() and time.perf_counter() - t0 < 10
+        return capsys.readouterr().err
+
+    assert "is not a repository id" in export_to("not a repo id!")
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    assert "needs a Hugging Face token" in export_to("me/model")
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_x")
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing answers
+    assert "cannot be reached from this machine" in export_to("me/model")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert "HF_HUB_OFFLINE is set" in export_to("me/model")
+    with pytest.raises(SystemExit):
+        main(["export", "--adapter", ckpt, "--out", str(tmp_path / "x"), "--private"])
+    assert "--private is for --push-to-hub" in capsys.readouterr().err

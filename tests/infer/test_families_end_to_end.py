@@ -100,3 +100,64 @@ def test_the_service_captions_with_the_checkpoint_and_refuses_an_image_beyond_th
         r = client.post("/v1/captions", files={"files": ("strip.png", png(strip), "image/png")})
         assert r.status_code == 422, r.text
         assert "strip.png" in r.json()["detail"] and "aspect ratios up to 200:1" in r.json()["detail"]
+
+
+def test_exports_of_other_families_load_and_caption_as_the_checkpoint(runs, tmp_path):
+    """`medcap export` for the new families: a merged PaliGemma loads with plain transformers and its
+    card's own snippet (run as written) captions as medcap does; a Qwen2.5-VL adapter on its shipped
+    base/ captions as the checkpoint; both cards carry the evaluated metrics with their intervals."""
+    import json
+    import re
+
+    from huggingface_hub import ModelCard
+
+    from medcap.infer.export import export
+    from medcap.infer.serve.loading import load_for_serving
+
+    image = Image.new("RGB", (64, 48), (90, 140, 60))
+    image_path = tmp_path / "image.jpg"
+    image.save(image_path)
+    run_p, cap_p = runs["paligemma"]
+    merged = export(run_p / "checkpoints" / "best", tmp_path / "paligemma", merge=True)
+    card = ModelCard.load(merged / "README.md")
+    assert card.data.library_name == "transformers" and card.data.base_model is None  # a tiny base
+    summary = json.loads((run_p / "eval" / "valid" / "metrics.json").read_text(encoding="utf-8"))
+    listed = {r.metric_name for r in card.data.eval_results}
+    assert listed == set(summary["metrics"]) | set(summary["corpus"])
+    lo, hi = summary["metrics"]["bertscore"]["ci95"]
+    assert (
+        f"| bertscore | {summary['metrics']['bertscore']['mean']:.4f} | {lo:.4f} to {hi:.4f} |" in card.text
+    )
+    snippet = re.search(r"```python\n(.*?)```", card.text, re.S).group(1)
+    assert "PaliGemmaForConditionalGeneration" in snippet and "add_special_tokens=False" in snippet
+    snippet = snippet.replace("PATH_TO_THIS_FOLDER", str(merged)).replace("image.jpg", str(image_path))
+    scope: dict = {}
+    exec(compile(snippet, "card", "exec"), scope)  # noqa: S102 - the card's snippet, as a user runs it
+    # It feeds the model exactly what medcap feeds it, and the exported weights are the checkpoint's.
+    ours = cap_p.family.generation_inputs(cap_p.processor, [Image.open(image_path)], cap_p.prompt)
+    assert set(ours) <= set(scope["inputs"])
+    for key, value in ours.items():
+        assert torch.equal(value, scope["inputs"][key]), key
+    with torch.no_grad():
+        theirs = scope["model"](**scope["inputs"]).logits
+        assert torch.allclose(cap_p.model(**ours).logits, theirs, atol=1e-5)
+    # `medcap serve --model EXPORT`: the prompt and decoding defaults come from medcap_config.yaml.
+    model, processor, gen, prompt, _ = load_for_serving(model=str(merged), device="cpu")
+    assert prompt == cap_p.prompt == "caption en" and gen == cap_p.gen
+    assert caption_images(model, processor, [image], gen, prompt) == cap_p.caption([image])
+    # `medcap caption --model EXPORT` and predict too (they used to caption with an empty prompt).
+    from_export = load_captioner(model=str(merged), device="cpu")
+    assert (from_export.prompt, from_export.gen) == (cap_p.prompt, cap_p.gen)
+
+    run_q, cap_q = runs["qwen"]
+    adapter = export(run_q / "checkpoints" / "best", tmp_path / "qwen")
+    assert (adapter / "base" / "config.json").is_file()
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        (adapter / "base").resolve()
+    )
+    card = ModelCard.load(adapter / "README.md")
+    assert card.data.library_name == "peft" and "Qwen2_5_VLForConditionalGeneration" in card.text
+    assert "<|im_start|>" in card.text  # the chat template's text, not the bare prompt
+    model, processor, gen, prompt, info = load_for_serving(adapter=str(adapter), device="cpu")
+    assert info["base"] == str((adapter / "base").resolve()) and prompt == cap_q.prompt
+    assert caption_images(model, processor, [image], gen, prompt) == cap_q.caption([image])

@@ -51,3 +51,34 @@ def test_a_missing_image_is_said_before_the_model_loads(tmp_path: Path, capsys, 
     monkeypatch.setattr(generate, "load_captioner", must_not_load)
     assert main(["caption", str(tmp_path / "missing.jpg"), "--model", "tiny"]) == 1
     assert "missing.jpg does not exist" in capsys.readouterr().err
+
+
+def test_bitsandbytes_optional_kernel_warning_is_silenced() -> None:
+    """bitsandbytes' CPU backend warns on import that the optional `kernels` package is missing;
+    medcap's commands import it through ``import_backends``, which drops that one line."""
+    import subprocess
+    import sys
+
+    from tests.fixtures import SUBPROCESS_ENV
+
+    repo = str(Path(__file__).resolve().parents[2])
+    env = {**SUBPROCESS_ENV, "PYTHONPATH": repo}
+    plain = "import bitsandbytes"
+    medcap = (
+        "from medcap.model.build import import_backends; import_backends(); import bitsandbytes; print('ok')"
+    )
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            env=env,
+            cwd=repo,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for code in (plain, medcap)
+    ]
+    (_, plain_err), (medcap_out, medcap_err) = (r.communicate(timeout=300) for r in runs)
+    # The control: without medcap's filter the line is there (else this test could not fail).
+    assert "gemm_4bit_forward" in plain_err
+    assert medcap_out.strip() == "ok" and "gemm_4bit_forward" not in medcap_err, medcap_err

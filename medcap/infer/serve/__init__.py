@@ -11,8 +11,13 @@ Endpoints::
     GET  /                 the web page (medcap/static)
     GET  /healthz          liveness: {"status": "ok", ...}; never needs the token
     GET  /v1/model         base model, adapter, resolved config, defaults, limits, medcap version
-    GET  /v1/metrics       request/batch counters (batch-size histogram) for load tests
+    GET  /v1/metrics       request/batch counters (batch-size histogram) for load tests, as JSON
+    GET  /metrics          the same counters, HTTP requests by endpoint and code and a latency
+                           histogram, in Prometheus's text format (prometheus-client); no token
     POST /v1/captions      multipart: one or more ``files`` + generation options as form fields
+    GET  /v1/models        OpenAI-compatible: the served model (``--served-model-name``)
+    POST /v1/chat/completions  OpenAI-compatible: the caption of one image sent as a base64 data URL
+                           in an ``image_url`` part; ``stream: true`` answers in server-sent events
     GET  /openapi.json     the OpenAPI schema
     GET  /docs             Swagger UI for the schema, served from the swagger-ui-bundle package
 
@@ -20,7 +25,9 @@ Every user mistake gets a 4xx JSON body ``{"error": CODE, "detail": MESSAGE, "fi
 request too large (413), too many images (400), no or empty file (400), unsupported format (415),
 undecodable image (422), too many pixels or too costly to decode (413, from the header: decoded
 bytes, progressive-JPEG scans, a deflated DICOM's size), bad or unknown option (422), missing token
-(401), a stalled body (408), queue full (503). Nothing a user sends is used as a file path: uploaded
+(401), a stalled body (408), queue full (503). The OpenAI-compatible routes answer the same refusals
+in OpenAI's error shape (``{"error": {"message", "type", "param", "code"}}``), so OpenAI clients
+raise their usual exceptions with medcap's message. Nothing a user sends is used as a file path: uploaded
 file names are only echoed back, sanitised.
 
 Hostile input is bounded, not only refused: large decodes take at most ``max_concurrent_decodes``
@@ -34,11 +41,19 @@ Example::
     medcap serve --checkpoint runs/demo/run/checkpoints/best --port 8000
     curl -F files=@scan.jpg -F files=@ct.dcm -F num_beams=3 http://127.0.0.1:8000/v1/captions
 
+    from openai import OpenAI   # any OpenAI-compatible client
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="TOKEN or anything")
+    url = "data:image/jpeg;base64," + base64.b64encode(open("scan.jpg", "rb").read()).decode()
+    done = client.chat.completions.create(model=client.models.list().data[0].id, messages=[
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}])
+    print(done.choices[0].message.content)
+
 FastAPI's own /docs page loads Swagger UI's JavaScript from a CDN, which a hospital network or an
 offline machine cannot reach; /docs here serves the same Swagger UI from the swagger-ui-bundle
 package instead, so the API documentation works offline.
 
-Modules: ``app`` (the FastAPI app and its routes), ``batcher`` (the batching worker), ``gate`` (the
+Modules: ``app`` (the FastAPI app and its routes), ``openai_api`` (the OpenAI-compatible routes),
+``prometheus`` (``/metrics``), ``batcher`` (the batching worker), ``gate`` (the
 decode budget), ``uploads`` (checking and decoding uploads with the one image reader), ``schemas``
 (limits, options, bodies, errors), ``loading`` (what to serve), ``server`` (uvicorn with a header
 timeout).

@@ -23,6 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from prometheus_client import CollectorRegistry
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -33,6 +34,14 @@ from medcap.config.generate import GenerateConfig
 from medcap.data.images import SUPPORTED_FORMATS, plain_message
 from medcap.infer.serve.batcher import Batcher, CaptionFn, ServeMetrics
 from medcap.infer.serve.gate import DecodeGate
+from medcap.infer.serve.openai_api import (
+    OPENAI_PATHS,
+    chat_completions,
+    list_models,
+    openai_error,
+    served_model_id,
+)
+from medcap.infer.serve.prometheus import HttpMetricsMiddleware, ServiceCollector, prometheus_metrics
 from medcap.infer.serve.schemas import (
     GENERATION_FIELDS,
     BatchSettings,
@@ -73,6 +82,10 @@ class Service:
     shrink: Callable[[Any], Any]
     """Takes a decoded image to the size it waits in the queue at (the model's input size)."""
     gate: DecodeGate
+    model_id: str
+    """The id ``GET /v1/models`` lists and chat completions must name."""
+    count_tokens: Callable[[str], int]
+    """Tokens of a caption (for a chat completion's finish_reason)."""
 
 
 def _service(request: Request) -> Service:
@@ -109,7 +122,8 @@ class BodyLimitMiddleware:
                 except ValueError:
                     declared = -1
                 if declared > self.limit:
-                    response = error_response(
+                    response = answer_error(
+                        scope.get("path", ""),
                         413,
                         "request_too_large",
                         f"the request body is {declared} bytes; the limit is {self.limit}",
@@ -141,12 +155,22 @@ class BodyLimitMiddleware:
 # --------------------------------------------------------------------------------------------
 
 
+def answer_error(
+    path: str, status: int, code: str, detail: str, field: str | None = None, headers=None
+) -> JSONResponse:
+    """An error answer in the shape of the API the path belongs to: OpenAI's on its routes, else
+    ``{"error": CODE, "detail": MESSAGE, "field": NAME}``."""
+    if path in OPENAI_PATHS:
+        return openai_error(status, code, detail, field, headers)
+    return error_response(status, code, detail, field, headers)
+
+
 async def on_serve_error(request: Request, exc: ServeError) -> JSONResponse:
     _service(request).metrics.errors[exc.status] += 1
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
     if exc.status == 503:
         headers = {"Retry-After": "1"}
-    return error_response(exc.status, exc.code, exc.detail, exc.field, headers)
+    return answer_error(request.url.path, exc.status, exc.code, exc.detail, exc.field, headers)
 
 
 async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -154,20 +178,23 @@ async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONRe
     code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}.get(
         exc.status_code, "http_error"
     )
-    return error_response(exc.status_code, code, str(exc.detail), None, getattr(exc, "headers", None))
+    return answer_error(
+        request.url.path, exc.status_code, code, str(exc.detail), None, getattr(exc, "headers", None)
+    )
 
 
 async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     _service(request).metrics.errors[422] += 1
     errs = exc.errors()
     field = ".".join(str(p) for p in errs[0]["loc"]) if errs else None
-    return error_response(422, "invalid_request", "; ".join(e["msg"] for e in errs), field)
+    return answer_error(request.url.path, 422, "invalid_request", "; ".join(e["msg"] for e in errs), field)
 
 
 async def on_body_too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
     service = _service(request)
     service.metrics.errors[413] += 1
-    return error_response(
+    return answer_error(
+        request.url.path,
         413,
         "request_too_large",
         f"the request body is over the limit of {service.limits.max_request_bytes} bytes",
@@ -177,7 +204,8 @@ async def on_body_too_large(request: Request, exc: BodyTooLarge) -> JSONResponse
 async def on_body_timeout(request: Request, exc: BodyTimeout) -> JSONResponse:
     service = _service(request)
     service.metrics.errors[408] += 1
-    return error_response(
+    return answer_error(
+        request.url.path,
         408,
         "request_timeout",
         f"the request body stalled for more than {service.limits.body_timeout_s:g} s; send it again",
@@ -188,8 +216,11 @@ async def on_body_timeout(request: Request, exc: BodyTimeout) -> JSONResponse:
 async def on_internal_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("internal error on %s", request.url.path)
     _service(request).metrics.errors[500] += 1
-    return error_response(
-        500, "internal_error", f"the service failed: {type(exc).__name__}: {plain_message(exc)}"
+    return answer_error(
+        request.url.path,
+        500,
+        "internal_error",
+        f"the service failed: {type(exc).__name__}: {plain_message(exc)}",
     )
 
 
@@ -216,6 +247,26 @@ async def wait_for_disconnect(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
+
+
+async def run_unless_client_leaves(request: Request, work: Any) -> tuple[bool, Any]:
+    """Run the coroutine ``work`` while watching the connection: ``(True, its result)``, or
+    ``(False, None)`` once the client has gone (the work is cancelled: decodes not yet started are
+    skipped, queued images are dropped before the model sees them)."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(wait_for_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # the server is shutting down
+        task.cancel()
+        gone.cancel()
+        raise
+    gone.cancel()
+    if task in done:
+        return True, task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    return False, None
 
 
 def check_token(request: Request) -> None:
@@ -341,19 +392,11 @@ async def captions(request: Request) -> Any:
                 f"{len(uploads)} images in one request; the limit is {s.limits.max_images}",
                 "files",
             )
-        work = asyncio.ensure_future(_caption_uploads(s, uploads, gen, opts.preview, t0))
-        gone = asyncio.ensure_future(wait_for_disconnect(request))
-        try:
-            done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:  # the server is shutting down
-            work.cancel()
-            gone.cancel()
-            raise
-        gone.cancel()
-        if work in done:
-            return work.result()
-        work.cancel()
-        await asyncio.gather(work, return_exceptions=True)
+        finished, answer = await run_unless_client_leaves(
+            request, _caption_uploads(s, uploads, gen, opts.preview, t0)
+        )
+        if finished:
+            return answer
         return client_gone(request, t0, "while its images were decoded or captioned")
     finally:
         await form.close()
@@ -465,6 +508,7 @@ def create_app(
     token: str | None = None,
     caption_fn: CaptionFn | None = None,
     read_image_fn: Callable[[bytes, str], Any] | None = None,
+    model_id: str | None = None,
 ) -> FastAPI:
     """Build the caption service around a loaded model.
 
@@ -472,6 +516,7 @@ def create_app(
     shown at /v1/model (base, adapter, config); ``token`` turns on bearer authentication for /v1/*.
     ``caption_fn`` defaults to ``medcap.infer.generate.caption_images``; ``read_image_fn`` to the
     one image reader, decoding as training did (draft mode at the model's input side).
+    ``model_id``: the id of the OpenAI-compatible API (default: ``served_model_id(info)``).
     """
     gen_defaults = gen_defaults or GenerateConfig()
     limits = limits or ServeLimits()
@@ -531,18 +576,23 @@ def create_app(
         redoc_url=None,
     )
     app.state.service = Service(
-        gen_defaults,
-        prompt,
-        dict(info or {}),
-        limits,
-        batching,
-        token,
-        batcher,
-        metrics,
-        read_image_fn,
-        shrink,
-        gate,
+        gen_defaults=gen_defaults,
+        prompt=prompt,
+        info=dict(info or {}),
+        limits=limits,
+        batching=batching,
+        token=token,
+        batcher=batcher,
+        metrics=metrics,
+        read=read_image_fn,
+        shrink=shrink,
+        gate=gate,
+        model_id=model_id or served_model_id(dict(info or {})),
+        count_tokens=_token_counter(processor),
     )
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(ServiceCollector(metrics, lambda: batcher.waiting, gate.as_dict))
+    app.state.prometheus = registry
 
     app.add_exception_handler(ServeError, on_serve_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
@@ -560,6 +610,14 @@ def create_app(
     app.add_api_route("/healthz", healthz, summary="Liveness check")
     app.add_api_route("/v1/model", get_model, summary="The served model: base, adapter, config, version")
     app.add_api_route("/v1/metrics", get_metrics, summary="Request and batching counters")
+    app.add_api_route("/metrics", prometheus_metrics, summary="Prometheus metrics", include_in_schema=True)
+    app.add_api_route("/v1/models", list_models, summary="OpenAI-compatible: the served model")
+    app.add_api_route(
+        "/v1/chat/completions",
+        chat_completions,
+        methods=["POST"],
+        summary="OpenAI-compatible: the caption of one image sent as a base64 data URL",
+    )
     app.add_api_route(
         "/v1/captions",
         captions,
@@ -573,7 +631,16 @@ def create_app(
     app.add_middleware(
         BodyLimitMiddleware, limit=limits.max_request_bytes, idle_timeout_s=limits.body_timeout_s
     )
+    # Outermost: every request is counted and timed, refusals by the body limit included.
+    app.add_middleware(HttpMetricsMiddleware, registry=registry)
     return app
+
+
+def _token_counter(processor: Any) -> Callable[[str], int]:
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is None:
+        return lambda text: len(text.split())
+    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 __all__ = ["BodyLimitMiddleware", "Service", "create_app"]

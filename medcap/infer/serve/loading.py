@@ -3,48 +3,15 @@ with an optional adapter, with the prompt and decoding defaults it was trained w
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
 
 from medcap.config.generate import GenerateConfig
 from medcap.config.loader import to_dict
+from medcap.infer.generate import medcap_config_near
 
 log = logging.getLogger("medcap.serve")
-
-
-def _medcap_config_near(*folders: str | Path | None) -> tuple[dict[str, Any], Path | None]:
-    """The run config an export carries (``medcap_config.yaml``, written by ``medcap export``).
-
-    Read as plain data on purpose: an export may come from another medcap version, and serving it
-    needs only its prompt and decoding settings (unknown settings are dropped with a warning).
-    """
-    import yaml
-
-    for folder in folders:
-        path = Path(folder) / "medcap_config.yaml" if folder is not None else None
-        if path is not None and path.is_file():
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-            if isinstance(data, dict):
-                return data, path
-    return {}, None
-
-
-def _generate_defaults(run_cfg: dict[str, Any], where: str) -> GenerateConfig:
-    from medcap.config.loader import ConfigError, from_dict
-
-    section = dict(run_cfg.get("generate") or {})
-    known = {f.name for f in dataclasses.fields(GenerateConfig)}
-    dropped = sorted(set(section) - known)
-    if dropped:
-        log.warning(
-            "%s: generate settings this version does not know, ignored: %s", where, ", ".join(dropped)
-        )
-    try:
-        return from_dict(GenerateConfig, {k: v for k, v in section.items() if k in known})
-    except ConfigError as e:
-        raise ValueError(f"{where}: generate: {e}") from None
 
 
 def load_for_serving(
@@ -76,8 +43,7 @@ def load_for_serving(
         return cap.model, cap.processor, cap.gen, cap.prompt, info
     if concepts is not None:
         raise ValueError("--concepts needs --checkpoint: the checkpoint's data.prompt_with says what to use")
-    run_cfg, cfg_path = _medcap_config_near(adapter, model if model and Path(model).is_dir() else None)
-    prompt = (run_cfg.get("model") or {}).get("prompt", "") or ""
-    cap = load_captioner(model=model, adapter=adapter, device=device, prompt=prompt, verbose=True)
-    gen = _generate_defaults(run_cfg, str(cfg_path)) if cfg_path else cap.gen
-    return cap.model, cap.processor, gen, prompt, {**cap.info, "config": run_cfg or None}
+    # load_captioner takes the prompt and decoding defaults from the export's medcap_config.yaml.
+    run_cfg, _ = medcap_config_near(adapter, model if model and Path(model).is_dir() else None)
+    cap = load_captioner(model=model, adapter=adapter, device=device, verbose=True)
+    return cap.model, cap.processor, cap.gen, cap.prompt, {**cap.info, "config": run_cfg or None}
