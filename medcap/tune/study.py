@@ -159,6 +159,33 @@ def _retry(study: Any, trial: Any) -> None:
     study.enqueue_trial(trial.params, user_attrs={ATTR_RETRY_OF: root}, skip_if_exists=False)
 
 
+def _rdb_storage(url: str, heartbeat: int) -> Any:
+    """optuna's RDBStorage for ``url``. Workers started together on a new database race to create
+    its tables and stamp the schema version (PostgreSQL: a unique violation on alembic_version or
+    pg_type); the loser finds the schema made by the winner when it tries again."""
+    import time
+
+    import optuna
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=_engine_kwargs(url),
+                heartbeat_interval=heartbeat,
+                # Three beats: a worker slowed by a loaded machine is not taken for dead.
+                grace_period=3 * heartbeat,
+                # A killed worker's trial: FAIL after the grace period, then the same values again.
+                heartbeat_stale_trial_callback=_retry,
+            )
+        except (IntegrityError, ProgrammingError):
+            if attempt == 4:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 def open_study(
     space: SearchSpace,
     layout: StudyLayout,
@@ -171,15 +198,7 @@ def open_study(
 
     url = storage_url(layout, storage)
     check_storage(url)
-    rdb = optuna.storages.RDBStorage(
-        url,
-        engine_kwargs=_engine_kwargs(url),
-        heartbeat_interval=heartbeat,
-        # Three beats: a worker slowed by a loaded machine is not taken for dead.
-        grace_period=3 * heartbeat,
-        # A killed worker's trial: FAIL after the grace period, then the same values again.
-        heartbeat_stale_trial_callback=_retry,
-    )
+    rdb = _rdb_storage(url, heartbeat)
     name = study_name or layout.root.resolve().name
     study = optuna.create_study(
         storage=rdb,
