@@ -18,7 +18,7 @@ from tests.tune.spaces import write_space
 
 def test_shipped_spaces_load_and_each_bound_gives_a_valid_run_config() -> None:
     spaces = shipped_spaces()
-    assert {"demo", "blip2-opt-6.7b-lora"} <= set(spaces)
+    assert {"demo", "blip2-opt-6.7b-lora", "peft-methods"} <= set(spaces)
     for name, path in spaces.items():
         assert path.read_text().startswith(f"# medcap tune --space {name} ")
         space = load_space(name)  # checks every bound and choice against the base config
@@ -31,6 +31,8 @@ def test_shipped_spaces_load_and_each_bound_gives_a_valid_run_config() -> None:
         "model.peft.alpha",
         "model.peft.targets",
     }
+    methods = {p.name: p for p in load_space("peft-methods").params}["model.peft.method"]
+    assert {"lora", "vera", "adalora", "ia3"} <= set(methods.choices)
 
 
 def _space(tmp_path: Path, **changes: object) -> Path:
