@@ -105,7 +105,8 @@ def test_both_exports_give_the_checkpoints_outputs(case, base, local_base, tmp_p
     config = json.loads((unmerged / "adapter_config.json").read_text(encoding="utf-8"))
     assert config.get("init_lora_weights", True) is True  # peft must not compute an init over trained weights
     if base == "tiny":
-        assert config["base_model_name_or_path"] == "base"
+        # The export's own base, by absolute path: AutoPeftModel finds it from any working directory.
+        assert Path(config["base_model_name_or_path"]) == (unmerged / "base").resolve()
         base_model = Blip2ForConditionalGeneration.from_pretrained(unmerged / "base")
     else:
         assert config["base_model_name_or_path"] == str(local_base)
