@@ -4,12 +4,12 @@ the offline processor and the chat template."""
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from medcap.model.families.vlm.collate import PromptLayout
 from medcap.model.families.vlm.plan import VlmDims, vision_dims_of
+from medcap.model.families.vlm.square import SquareImages
 from medcap.model.families.vlm.tiny import sincos_positions
 from medcap.model.families.vlm.tokenizer import family_tokenizer
 from medcap.model.tokenizer import padded_vocab
@@ -36,8 +36,10 @@ TEMPLATE = (
 
 
 @dataclass(frozen=True)
-class Gemma3Kit:
+class Gemma3Kit(SquareImages):
     """Gemma 3 (4B and up: a SigLIP image encoder) and MedGemma, its medical fine-tune."""
+
+    default_side = 896
 
     model_types: tuple[str, ...] = ("gemma3",)
 
@@ -168,18 +170,6 @@ class Gemma3Kit:
             token_fields={"token_type_ids": 0},
             nested_images=True,
         )
-
-    def check_images(self, processor: Any, images: Sequence[Any]) -> None:
-        pass  # any size: resized to the model's square
-
-    def image_side(self, processor: Any) -> int | None:
-        from medcap.model.family import processor_image_side
-
-        return processor_image_side(processor)
-
-    def planning_image(self, processor: Any) -> tuple[int, int]:
-        side = self.image_side(processor) or 896
-        return side, side
 
     # --- parameters -----------------------------------------------------------------------
 

@@ -3,13 +3,13 @@ offline processor (with its Q-Former tokenizer) and the prompt layout."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from medcap.model.families.blip2.architecture import sincos_vision_positions
 from medcap.model.families.vlm.collate import PromptLayout
 from medcap.model.families.vlm.plan import VlmDims, vision_dims_of
+from medcap.model.families.vlm.square import SquareImages
 from medcap.model.families.vlm.tokenizer import family_tokenizer
 from medcap.model.tokenizer import SPECIAL_TOKENS, padded_vocab
 
@@ -22,7 +22,7 @@ DEFAULT_INSTRUCTION = "A short image caption:"
 
 
 @dataclass(frozen=True)
-class InstructBlipKit:
+class InstructBlipKit(SquareImages):
     """InstructBLIP with a decoder-only (Vicuna / Llama, OPT) or encoder-decoder (Flan-T5) language model."""
 
     text: Literal["decoder", "t5"]
@@ -178,18 +178,6 @@ class InstructBlipKit:
             caption_prefix=" " if self.text != "t5" else "",
             end_ids=(tok.eos_token_id,),
         )
-
-    def check_images(self, processor: Any, images: Sequence[Any]) -> None:
-        pass  # any size: resized to the model's square
-
-    def image_side(self, processor: Any) -> int | None:
-        from medcap.model.family import processor_image_side
-
-        return processor_image_side(processor)
-
-    def planning_image(self, processor: Any) -> tuple[int, int]:
-        side = self.image_side(processor) or 224
-        return side, side
 
     # --- parameters -----------------------------------------------------------------------
 

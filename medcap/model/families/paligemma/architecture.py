@@ -4,12 +4,12 @@ tokenizer, the offline processor and the prefix/suffix layout."""
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from medcap.model.families.vlm.collate import PromptLayout
 from medcap.model.families.vlm.plan import VlmDims, vision_dims_of
+from medcap.model.families.vlm.square import SquareImages
 from medcap.model.families.vlm.tiny import sincos_positions
 from medcap.model.families.vlm.tokenizer import family_tokenizer
 from medcap.model.tokenizer import padded_vocab
@@ -23,7 +23,7 @@ EXTRA_TOKENS = [f"<loc{i:0>4}>" for i in range(1024)] + [f"<seg{i:0>3}>" for i i
 
 
 @dataclass(frozen=True)
-class PaliGemmaKit:
+class PaliGemmaKit(SquareImages):
     """PaliGemma (Gemma language model) and PaliGemma 2 (Gemma 2)."""
 
     model_types: tuple[str, ...] = ("paligemma",)
@@ -144,18 +144,6 @@ class PaliGemmaKit:
             end_ids=(tok.eos_token_id,),
             token_fields={"token_type_ids": 1},
         )
-
-    def check_images(self, processor: Any, images: Sequence[Any]) -> None:
-        pass  # any size: resized to the model's square
-
-    def image_side(self, processor: Any) -> int | None:
-        from medcap.model.family import processor_image_side
-
-        return processor_image_side(processor)
-
-    def planning_image(self, processor: Any) -> tuple[int, int]:
-        side = self.image_side(processor) or 224
-        return side, side
 
     # --- parameters -----------------------------------------------------------------------
 
