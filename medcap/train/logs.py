@@ -72,7 +72,7 @@ class RunLog:
     W&B, MLflow ...), each getting the hyperparameters, the metric curves and the sample captions.
 
     A resumed run drops what was logged after its checkpoint (a killed run logged steps the checkpoint
-    never saw) and continues the same tracker run (TensorBoard's purge step, W&B's run id).
+    never saw) and continues the same tracker run (TensorBoard's purge step, W&B's and MLflow's run ids).
     """
 
     def __init__(
@@ -148,7 +148,12 @@ class RunLog:
             for i in items
         )
         for tracker in self.trackers:
-            if hasattr(tracker, "log_table"):
+            if tracker.name == "mlflow":
+                # MLflow's metrics are numbers only: the captions go in as a text artifact per validation.
+                import mlflow
+
+                mlflow.log_text(text, f"samples/step-{step:07d}.md")
+            elif hasattr(tracker, "log_table"):
                 tracker.log_table("samples", columns=columns, data=rows, step=step)
             else:
                 tracker.log({"samples": text}, step=step)
@@ -191,15 +196,16 @@ def _start_tracker(
     if name == "tensorboard":
         tracker = cls("", str(layout.tensorboard), purge_step=resume_step)
     elif name == "wandb":
-        ids = (
-            json.loads(layout.tracker_ids.read_text(encoding="utf-8")) if layout.tracker_ids.is_file() else {}
-        )
+        ids = _tracker_ids(layout)
         if "wandb" not in ids or resume_step is None:
             ids["wandb"] = uuid.uuid4().hex[:12]
             layout.tracker_ids.write_text(json.dumps(ids, indent=1), encoding="utf-8")
         tracker = cls(project, name=run_name, id=ids["wandb"], resume="allow", dir=str(layout.root))
     elif name == "mlflow":
-        tracker = cls(experiment_name=project, run_name=run_name)
+        _mlflow_store(layout)
+        ids = _tracker_ids(layout)
+        run_id = ids.get("mlflow") if resume_step is not None else None
+        tracker = cls(experiment_name=project, run_name=run_name, run_id=run_id)
     elif cls.requires_logging_directory:
         tracker = cls(project, str(layout.root))
     else:
@@ -211,6 +217,48 @@ def _start_tracker(
             f"train.report_to {name} needs the {e.name or name} package: pip install {e.name or name} "
             "(or remove it from train.report_to)"
         ) from e
+    if name == "mlflow":
+        # MLflow makes its own run id: keep it, so that a resumed run continues the same MLflow run.
+        ids = _tracker_ids(layout)
+        ids["mlflow"] = tracker.active_run.info.run_id
+        layout.tracker_ids.write_text(json.dumps(ids, indent=1), encoding="utf-8")
     if resume_step is None:
         tracker.store_init_configuration(hparams)
     return tracker
+
+
+def _tracker_ids(layout: RunLayout) -> dict[str, str]:
+    """RUN/trackers.json: the run ids the online trackers gave this run."""
+    if not layout.tracker_ids.is_file():
+        return {}
+    return json.loads(layout.tracker_ids.read_text(encoding="utf-8"))
+
+
+# The store medcap chose last (MLflow's set_tracking_uri also writes MLFLOW_TRACKING_URI, so this tells
+# medcap's own choice apart from one the user made).
+_MEDCAP_MLFLOW_URI: str | None = None
+
+
+def _mlflow_store(layout: RunLayout) -> None:
+    """Where MLflow logs: the user's MLFLOW_TRACKING_URI (a server, a database, Databricks) when set;
+    otherwise one SQLite store beside the run folders (``runs/mlflow.db`` for ``runs/NAME``), so that
+    all runs of a project land in one store (``mlflow ui --backend-store-uri sqlite:///runs/mlflow.db``)
+    and not in a ``mlflow.db`` wherever the command happened to start, MLflow's own default."""
+    global _MEDCAP_MLFLOW_URI
+    import os
+
+    try:
+        import mlflow
+    except ImportError as e:
+        raise TrainingError(
+            "train.report_to mlflow needs the mlflow package: pip install mlflow-skinny (a client for a "
+            "tracking server or a local SQLite store) or mlflow (with the UI), or remove it from "
+            "train.report_to"
+        ) from e
+    user = os.environ.get("MLFLOW_TRACKING_URI")
+    if user and user != _MEDCAP_MLFLOW_URI:
+        # Set it again: a URI set earlier in this process would otherwise win over the variable.
+        mlflow.set_tracking_uri(user)
+        return
+    _MEDCAP_MLFLOW_URI = f"sqlite:///{(layout.root.resolve().parent / 'mlflow.db').as_posix()}"
+    mlflow.set_tracking_uri(_MEDCAP_MLFLOW_URI)

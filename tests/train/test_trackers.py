@@ -1,5 +1,6 @@
 """train.report_to: the run's hyperparameters, curves and sample captions reach accelerate's trackers
-(TensorBoard and W&B here, W&B in offline mode), and a resumed run continues the same tracker run."""
+(TensorBoard, W&B in offline mode, MLflow with a real local SQLite tracking store), and a resumed run
+continues the same tracker run."""
 
 from __future__ import annotations
 
@@ -88,6 +89,61 @@ def test_wandb_offline_run_gets_config_history_and_a_samples_table_and_resumes(
     # The run's records (protobuf in W&B's log format) carry the keys as plain bytes.
     blob = b"".join(p.read_bytes() for p in wandb_files)
     assert b"valid/loss" in blob and b"train.lr" in blob and b"samples" in blob
+
+
+def test_mlflow_sqlite_store_gets_params_curves_samples_and_a_resumed_run_continues(
+    prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    try:
+        import mlflow
+    except ImportError:
+        skip_missing("mlflow is not installed (pip install -e '.[test]' brings it, extra 'track')")
+    # No MLFLOW_TRACKING_URI: medcap's default store, one SQLite database beside the run folders.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    runs = tmp_path / "runs"
+    run = runs / "blip2-a"
+    base = tiny_overrides(prepared, run, max_steps=2, eval_every=2, report_to="mlflow,csv")
+    fit(load_run_config(None, [*base, "--train.tracker_project", "rocov2"]))
+    store = runs / "mlflow.db"
+    assert store.is_file()
+    run_id = json.loads((run / "trackers.json").read_text())["mlflow"]
+    # Train longer: the same MLflow run continues.
+    fit(
+        load_run_config(
+            None,
+            [*base, "--train.tracker_project", "rocov2", "--train.max_steps", "4", "--train.resume", "true"],
+        )
+    )
+    assert json.loads((run / "trackers.json").read_text())["mlflow"] == run_id
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{store.as_posix()}")
+    experiment = client.get_experiment_by_name("rocov2")
+    (found,) = client.search_runs([experiment.experiment_id])
+    assert found.info.run_id == run_id and found.info.run_name == "blip2-a"
+    assert found.data.params["train.lr"] == "0.003" and found.data.params["model.name_or_path"] == "tiny"
+    assert [m.step for m in client.get_metric_history(run_id, "valid/loss")] == [2, 4]
+    assert sorted(m.step for m in client.get_metric_history(run_id, "train/loss")) == [1, 2, 3, 4]
+    rows = [r.split(",") for r in (run / "log.csv").read_text().splitlines()[1:]]
+    valid = [round(float(r[3]), 4) for r in rows if r[2] == "valid"]
+    assert [round(m.value, 4) for m in client.get_metric_history(run_id, "valid/loss")] == valid
+    samples = [a.path for a in client.list_artifacts(run_id, "samples")]
+    assert samples == ["samples/step-0000002.md", "samples/step-0000004.md"]
+    text = Path(client.download_artifacts(run_id, samples[0], str(tmp_path))).read_text()
+    first = json.loads((run / "samples.jsonl").read_text().splitlines()[0])
+    assert first["prediction"] in text and first["reference"] in text
+
+    # A store the user names (MLFLOW_TRACKING_URI) is used instead.
+    elsewhere = tmp_path / "team.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{elsewhere.as_posix()}")
+    fit(
+        load_run_config(
+            None, tiny_overrides(prepared, runs / "blip2-b", max_steps=1, eval_every=1, report_to="mlflow")
+        )
+    )
+    team = mlflow.MlflowClient(tracking_uri=f"sqlite:///{elsewhere.as_posix()}")
+    (other,) = team.search_runs([team.get_experiment_by_name("medcap").experiment_id])
+    assert other.info.run_name == "blip2-b"
+    assert len(client.search_runs([experiment.experiment_id])) == 1
 
 
 def test_resume_extends_a_finished_run_and_refuses_what_would_change_it(
