@@ -107,6 +107,16 @@ RECORDED_FAMILY_PEAKS: list[dict[str, Any]] = [
         "built model on (build peak 9.29 GB); planner 10.87 GB (-6.3%); "
         "results/bench_fullsize_families_cpu_medgemma-4b-lora_avx512bf16.json",
     },
+    {
+        "config": "qwen3-vl-4b-lora",
+        "batch_size": 1,
+        "caption_cap": 32,
+        "peak_rss_bytes": 12_454_932_480,
+        "source": "measured 2026-12-02 on the AVX-512 box (idle, load ~2): "
+        "bench_fullsize_families_cpu.py --config qwen3-vl-4b-lora (724 x 724 px at the pixel cap, 543 "
+        "tokens), VmHWM from the built model on (build peak 9.59 GB); planner 11.30 GB (-9.2%); "
+        "results/bench_fullsize_families_cpu_qwen3-vl-4b-lora_avx512bf16.json",
+    },
 ]
 
 

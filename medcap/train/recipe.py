@@ -272,9 +272,12 @@ def setup(cfg: RunConfig) -> Run:
     from medcap.model.build import build_model
 
     set_seed(tc.seed)  # same seed in every process: identical init (DDP also broadcasts rank 0's)
-    model, processor = build_model(
-        cfg.model, verbose=main, adapters=_adapter_setup(cfg, layout, train_rows, hashes, total_steps, last)
-    )
+    with sharding.whole_model_build(accelerator):
+        model, processor = build_model(
+            cfg.model,
+            verbose=main,
+            adapters=_adapter_setup(cfg, layout, train_rows, hashes, total_steps, last),
+        )
     family = model.medcap_family
     pad_multiple = tc.pad_to_multiple_of or (8 if accelerator.device.type == "cuda" else 1)
     collator = family.collator(processor, cfg.model, tc.max_caption_tokens, pad_multiple)

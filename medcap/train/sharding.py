@@ -19,12 +19,15 @@ state are split over the processes:
 * **the CPU**: accelerate 1.15 turns FSDP on only for GPU-type setups; on the CPU (gloo) a launch
   with an FSDP config would silently fall back to plain data parallel. ``enable_fsdp_on_cpu`` sets
   accelerate's state to FSDP with the plugin of the launch environment, so the same accelerate and
-  torch code paths run on gloo (how the tests run FSDP with two CPU processes). DeepSpeed needs GPUs.
+  torch code paths run on gloo (how the tests run FSDP with two CPU processes). DeepSpeed runs on CUDA
+  GPUs and, through its CPU accelerator, on gloo (how the tests run ZeRO-2 and ZeRO-3 on the CPU).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,6 +61,27 @@ def params_sharded(accelerator: Any) -> bool:
     must run in lockstep."""
     kind = strategy(accelerator)
     return kind == "fsdp" or (kind == "deepspeed" and zero_stage(accelerator) == 3)
+
+
+@contextmanager
+def whole_model_build(accelerator: Any) -> Iterator[None]:
+    """Build the model whole in each process, also under DeepSpeed ZeRO-3: accelerate registers its
+    DeepSpeed config with transformers whatever ``zero3_init_flag`` says, and transformers then
+    constructs every model inside ``deepspeed.zero.Init`` (parameters partitioned as they are made),
+    which medcap's own build steps (random init from the meta device, PEFT wrapping, parameter counts,
+    dtype choices) cannot work on. Built whole, the model is partitioned when accelerate prepares it,
+    as for FSDP."""
+    if strategy(accelerator) != "deepspeed" or zero_stage(accelerator) != 3:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    plugin = accelerator.state.deepspeed_plugin
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()  # generate's synced_gpus and saving read it again
 
 
 def enable_fsdp_on_cpu(accelerator: Any) -> None:
@@ -100,6 +124,16 @@ def prepare_model(
             ]
             plugin.transformer_cls_names_to_wrap = names
     elif kind == "deepspeed":
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched != accelerator.num_processes:
+            from medcap.train.errors import TrainingError
+
+            # accelerate 1.15 gives DeepSpeed on CPU processes no backend: each would train alone.
+            raise TrainingError(
+                f"DeepSpeed was launched with {launched} processes but accelerate sees "
+                f"{accelerator.num_processes} ({accelerator.device}): DeepSpeed with several processes "
+                "needs GPUs; on CPUs use configs/accelerate fsdp2 (several processes) or one DeepSpeed process"
+            )
         ds = accelerator.state.deepspeed_plugin.deepspeed_config
         # fit() feeds its own batches (no prepared DataLoader to read these from) and accumulates
         # gradients itself: DeepSpeed steps at the same boundaries when told the same counts.
@@ -157,7 +191,9 @@ def gather_trainable(accelerator: Any, model: Any, with_frozen: bool) -> dict[st
     bases saved in the checkpoint) on the main process, as plain CPU tensors under
     ``model.named_parameters()``'s names; None elsewhere. Collective: every process calls it."""
     kind = strategy(accelerator)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    # By the inner model's names: DeepSpeed's engine prefixes its own with "module.", its state not.
+    inner = accelerator.unwrap_model(model)
+    trainable = {n for n, p in inner.named_parameters() if p.requires_grad}
     if kind == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 

@@ -5,8 +5,8 @@ and selects the best checkpoint by a caption metric (captions generated in locks
 weights need).
 
 PyTorch's FSDP2 (``fully_shard``) runs on gloo; accelerate 1.15 only turns FSDP on for GPU setups,
-which ``medcap.train.sharding.enable_fsdp_on_cpu`` bridges (see its docstring). DeepSpeed needs GPUs
-and is not installable here: its configs are checked for shape in tests/config/test_recipes.py.
+which ``medcap.train.sharding.enable_fsdp_on_cpu`` bridges (see its docstring). DeepSpeed's own
+tests (one CPU process) are in tests/train/test_deepspeed.py.
 """
 
 from __future__ import annotations
