@@ -58,6 +58,9 @@ def import_backends() -> None:
     # ("kernels") is missing: noise to a medcap user (the built-in CPU path is used). Dropped by a
     # filter on that one message, before the record (and its exception) exists.
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_OptionalKernelNoise())
+    # DeepSpeed, when installed, warns at its first use on a machine without a GPU that it "was
+    # unable to detect" one; medcap's own lines name the device a run uses.
+    logging.getLogger("DeepSpeed").addFilter(_OptionalKernelNoise())
     failed: list[BaseException] = []
 
     def work() -> None:
@@ -75,10 +78,15 @@ def import_backends() -> None:
 
 
 class _OptionalKernelNoise(logging.Filter):
-    """Drops bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" warning."""
+    """Drops bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" warning and
+    DeepSpeed's "Setting accelerator to CPU"."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "gemm_4bit_forward from kernels-community" not in str(record.msg)
+        text = str(record.msg)
+        return (
+            "gemm_4bit_forward from kernels-community" not in text
+            and "Setting accelerator to CPU" not in text
+        )
 
 
 def build_model(
