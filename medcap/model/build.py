@@ -36,7 +36,7 @@ from medcap.model.families import resolve_family
 from medcap.model.family import ModelFamily
 from medcap.model.hub import check_hub_model
 from medcap.model.peft_methods import AdapterSetup, check_loftq_device, describe
-from medcap.model.quantize import DTYPES, pretrained_kwargs, quantize_in_memory
+from medcap.model.quantize import DTYPES, cpu_safe_4bit_layers, pretrained_kwargs, quantize_in_memory
 from medcap.model.random_init import materialize_random, meta_model
 
 
@@ -228,12 +228,14 @@ def _build_base(
         if cfg.quantization != "none":
             # Built and dropped inside, so that no caller's name keeps the 16-bit model.
             model = quantize_in_memory(random_model, cfg, model_class, family.quant_skip, keep_weights_in)
+            cpu_safe_4bit_layers(model)
         else:
             model = random_model()
         return model, processor, "random"
     # Pretrained weights: a hub id (the real code path; nothing downloads in tests) or a folder.
     check_hub_model(cfg.name_or_path)
     model = model_class.from_pretrained(cfg.name_or_path, **pretrained_kwargs(cfg, family.quant_skip))
+    cpu_safe_4bit_layers(model)
     return model, family.pretrained_processor(cfg.name_or_path, model), "pretrained"
 
 

@@ -94,6 +94,27 @@ def quantize_in_memory(
     return quantized
 
 
+# bitsandbytes' CPU inference layout packs the output rows in blocks of this many (block_n of
+# bitsandbytes.functional._convert_weight_packed_for_cpu, 0.50).
+CPU_PACK_BLOCK = 32
+
+
+def cpu_safe_4bit_layers(model: Any) -> int:
+    """Keep the 4-bit layers whose output size bitsandbytes' CPU inference layout cannot pack out of it.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit layer at its first eval-mode
+    forward without gradients and asserts that the output size is a multiple of 32 ("N must be
+    divisible by block_n"): Qwen2.5-VL's vision MLP (3,420) stops the first validation of the
+    QLoRA config there. Those layers keep the general 4-bit kernel (the same arithmetic, no repacking);
+    every other layer is left as it is. Returns how many layers were changed."""
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False) and module.out_features % CPU_PACK_BLOCK:
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
+
+
 @contextlib.contextmanager
 def keep_4bit_training_layout(model: Any):
     """Run forwards that come before training (EVA's, CorDA's statistics) without bitsandbytes'

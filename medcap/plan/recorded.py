@@ -117,6 +117,17 @@ RECORDED_FAMILY_PEAKS: list[dict[str, Any]] = [
         "tokens), VmHWM from the built model on (build peak 9.59 GB); planner 11.30 GB (-9.2%); "
         "results/bench_fullsize_families_cpu_qwen3-vl-4b-lora_avx512bf16.json",
     },
+    {
+        "config": "llava-1.6-mistral-7b-lora",
+        "batch_size": 1,
+        "caption_cap": 32,
+        "peak_rss_bytes": 19_133_042_688,
+        "source": "measured 2026-12-02 on the AVX-512 box (idle, load ~2): "
+        "bench_fullsize_families_cpu.py --config llava-1.6-mistral-7b-lora (672 x 336 px: the largest "
+        "grid of 2 tiles + the base view, 1,815 tokens), VmHWM from the built model on (build peak "
+        "15.74 GB); planner 17.61 GB (-8.0%); "
+        "results/bench_fullsize_families_cpu_llava-1.6-mistral-7b-lora_avx512bf16.json",
+    },
 ]
 
 
