@@ -24,5 +24,10 @@ lint: $(BIN)/.medcap-installed
 	$(BIN)/ruff check medcap tests benchmarks
 	$(BIN)/ruff format --check medcap tests benchmarks
 
+# Two pytest workers (pytest-xdist), one test file each at a time: most tests compute on one thread,
+# so on the 2-core reference machine the default run takes about half its serial time. More workers
+# need more memory (the heaviest default tests take ~3 GB each): TEST_WORKERS=1 runs serially.
+TEST_WORKERS ?= 2
+
 test: $(BIN)/.medcap-installed system-deps lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=25

@@ -100,16 +100,21 @@ CPU_PACK_BLOCK = 32
 
 
 def cpu_safe_4bit_layers(model: Any) -> int:
-    """Keep the 4-bit layers whose output size bitsandbytes' CPU inference layout cannot pack out of it.
+    """Keep the 4-bit layers whose shape bitsandbytes' CPU inference layout cannot pack out of it.
 
     On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit layer at its first eval-mode
-    forward without gradients and asserts that the output size is a multiple of 32 ("N must be
-    divisible by block_n"): Qwen2.5-VL's vision MLP (3,420) stops the first validation of the
-    QLoRA config there. Those layers keep the general 4-bit kernel (the same arithmetic, no repacking);
-    every other layer is left as it is. Returns how many layers were changed."""
+    forward without gradients, which needs the output size to be a multiple of 32 ("N must be
+    divisible by block_n") and the input size a multiple of the quantization block (64: else "shape
+    '[1280, 53]' is invalid"). Qwen2.5-VL's vision MLP (3,420 wide, in and out) stopped the first
+    validation of the QLoRA config there. Those layers keep the general 4-bit kernel (the same
+    arithmetic, no repacking); every other layer is left as it is. Returns how many were changed."""
     changed = 0
     for module in model.modules():
-        if getattr(module, "support_avx512bf16_for_cpu", False) and module.out_features % CPU_PACK_BLOCK:
+        if not getattr(module, "support_avx512bf16_for_cpu", False):
+            continue
+        state = getattr(module.weight, "quant_state", None)
+        block = getattr(state, "blocksize", None) or 64
+        if module.out_features % CPU_PACK_BLOCK or module.in_features % block:
             module.support_avx512bf16_for_cpu = False
             changed += 1
     return changed

@@ -423,9 +423,9 @@ def test_quantized_tiny_takes_a_lora_step(quantization):
 
 def test_a_4bit_layer_bitsandbytes_cannot_pack_for_cpu_inference_keeps_the_general_kernel():
     """bitsandbytes repacks 4-bit layers for CPU inference (AVX512-BF16) in blocks of 32 output rows
-    and asserts on any other size; Qwen2.5-VL's vision MLP has 3,420. The build leaves such layers on
-    the general kernel: an eval forward without gradients works and gives the same numbers as the
-    training-mode forward, and a layer of a multiple of 32 keeps the fast layout."""
+    and 64 input columns and fails on other sizes; Qwen2.5-VL's vision MLP is 3,420 wide. The build
+    leaves such layers on the general kernel: an eval forward without gradients works and gives the
+    same numbers as the training-mode forward, and a layer of packable sizes keeps the fast layout."""
     reason = _bnb_cpu_reason()
     if reason:
         skip_missing(reason)
@@ -436,19 +436,20 @@ def test_a_4bit_layer_bitsandbytes_cannot_pack_for_cpu_inference_keeps_the_gener
     torch.manual_seed(0)
     model = torch.nn.ModuleList(
         [
-            bnb.nn.Linear4bit(64, 36, compute_dtype=torch.bfloat16, quant_type="nf4"),
-            bnb.nn.Linear4bit(64, 64, compute_dtype=torch.bfloat16, quant_type="nf4"),
+            bnb.nn.Linear4bit(128, 36, compute_dtype=torch.bfloat16, quant_type="nf4"),  # out: not /32
+            bnb.nn.Linear4bit(96, 64, compute_dtype=torch.bfloat16, quant_type="nf4"),  # in: not /64
+            bnb.nn.Linear4bit(128, 64, compute_dtype=torch.bfloat16, quant_type="nf4"),
         ]
     ).to("cpu")
-    fast = model[1].support_avx512bf16_for_cpu
-    assert cpu_safe_4bit_layers(model) == (1 if fast else 0)
-    assert model[0].support_avx512bf16_for_cpu is False and model[1].support_avx512bf16_for_cpu == fast
-    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    fast = model[2].support_avx512bf16_for_cpu
+    assert cpu_safe_4bit_layers(model) == (2 if fast else 0)
+    assert [layer.support_avx512bf16_for_cpu for layer in model] == [False, False, fast]
     model.train()
-    reference = [layer(x) for layer in model]
+    inputs = [torch.randn(3, layer.in_features, dtype=torch.bfloat16) for layer in model]
+    reference = [layer(x) for layer, x in zip(model, inputs, strict=True)]
     model.eval()
     with torch.no_grad():
-        for layer, expected in zip(model, reference, strict=True):
+        for layer, x, expected in zip(model, inputs, reference, strict=True):
             assert torch.allclose(layer(x), expected, atol=2e-2)
 
 
