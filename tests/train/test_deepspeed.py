@@ -45,7 +45,9 @@ def _rows(run: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+# ZeRO-3 in the default run (it partitions and gathers everything ZeRO-2 does and the weights too);
+# ZeRO-2 with -m slow, as its query-cache test below.
+@pytest.mark.parametrize("stage", [pytest.param(2, marks=pytest.mark.slow), 3])
 def test_deepspeed_with_optimizer_offload_matches_a_plain_run_and_resumes(tmp_path: Path, stage: int) -> None:
     if importlib.util.find_spec("deepspeed") is None:
         skip_missing("the deepspeed package is not installed: pip install deepspeed (extra 'test')")
