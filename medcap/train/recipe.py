@@ -335,12 +335,6 @@ def setup(cfg: RunConfig) -> Run:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc.schedule, warmup, total_steps))
     save_base, base_print = _base_weights_kept(cfg, model, family)
     if sharding.is_sharded(accelerator):
-        if query_cache is not None and sharding.zero_stage(accelerator) == 3:
-            raise TrainingError(
-                "train.query_cache does not work under DeepSpeed ZeRO-3: generating the validation "
-                "captions reads the model's own partitioned parameters outside the forward passes "
-                "DeepSpeed gathers for; use the deepspeed-zero2 or fsdp2 accelerate config with the cache"
-            )
         sharding.prepare_model(accelerator, model, tc.batch_size, tc.grad_accum, tc.max_grad_norm)
         if query_cache is not None:
             # The cache's check hashes the vision weights: take it before they are split in shards.

@@ -172,6 +172,7 @@ def validation_captions(run: Any, rows: list[ManifestRow]) -> list[str]:
     from medcap.concepts.prompts import row_prompts
     from medcap.data.images import read_image
     from medcap.infer.generate import caption_images
+    from medcap.train import sharding
 
     acc = run.accelerator
     world, rank = acc.num_processes, acc.process_index
@@ -186,7 +187,7 @@ def validation_captions(run: Any, rows: list[ManifestRow]) -> list[str]:
         images = [read_image(r.image, min_size=run.image_side) for r in mine]
         # data.prompt_with: each image's modality or concepts in its prompt, as in training.
         prompt = row_prompts(run.cfg, mine) or run.cfg.model.prompt
-        with torch.no_grad(), acc.autocast():
+        with torch.no_grad(), acc.autocast(), sharding.own_parameters_gathered(acc, net):
             captions = caption_images(
                 net, run.processor, images, run.cfg.generate, prompt, synced=run.sharded
             )

@@ -84,6 +84,25 @@ def whole_model_build(accelerator: Any) -> Iterator[None]:
         plugin.set_deepspeed_weakref()  # generate's synced_gpus and saving read it again
 
 
+@contextmanager
+def own_parameters_gathered(accelerator: Any, model: Any) -> Iterator[None]:
+    """Under DeepSpeed ZeRO-3, the top model's own parameters whole for a ``generate`` call.
+
+    ZeRO-3 gathers a module's parameters around its forward; ``generate`` reads the top model's own
+    (BLIP-2's and InstructBLIP's ``query_tokens``) outside any forward. A run whose forward reaches
+    them keeps them gathered (small parameters stay resident after their first use), but a run on the
+    query cache never calls that forward, and its first validation caption failed on the empty
+    partition. A no-op under every other strategy."""
+    if zero_stage(accelerator) != 3:
+        yield
+        return
+    import deepspeed
+
+    inner = getattr(model, "get_base_model", lambda: model)()
+    with deepspeed.zero.GatheredParameters(list(inner.parameters(recurse=False))):
+        yield
+
+
 def enable_fsdp_on_cpu(accelerator: Any) -> None:
     """Make an FSDP launch on CPU processes (gloo) use FSDP (see the module docstring)."""
     from accelerate import PartialState
