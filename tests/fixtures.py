@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import os
 import random
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
@@ -133,6 +135,33 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: Two CPU processes under plain data parallel: torchrun with gloo when there is no GPU.
+CPU_DDP = ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def accelerate_launch(
+    launch_args: list[str], medcap_args: list[str], *, timeout: int = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``accelerate launch LAUNCH_ARGS --main_process_port FREE -m medcap MEDCAP_ARGS`` from the repo
+    root, output captured; skips (fails in CI) when the accelerate command is missing."""
+    accelerate = Path(sys.executable).with_name("accelerate")
+    if not accelerate.is_file():
+        skip_missing(f"the accelerate command is not installed next to python ({accelerate})")
+    command = [str(accelerate), "launch", *launch_args, "--main_process_port", str(free_port())]
+    command += ["-m", "medcap", *medcap_args]
+    return subprocess.run(
+        command, cwd=REPO, env=env or SUBPROCESS_ENV, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def log_rows(run: Path) -> list[dict[str, str]]:
+    """A run's log.csv as dicts."""
+    with (run / "log.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
 
 
 _NO_MODEL_LEFT = """

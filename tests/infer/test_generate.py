@@ -509,41 +509,18 @@ def test_predict_under_accelerate_launch_with_two_processes_writes_the_one_proce
     """Two CPU processes (gloo) deal out the batches and the main one writes the submission: byte for
     byte the single-process file, IDs in ground-truth order (5 images in batches of 2: process 0
     captions batches 0 and 2, process 1 batch 1)."""
-    import subprocess
-    import sys
 
-    from tests.fixtures import SUBPROCESS_ENV, free_port, skip_missing
+    from tests.fixtures import CPU_DDP, accelerate_launch
 
-    accelerate = Path(sys.executable).with_name("accelerate")
-    if not accelerate.is_file():
-        skip_missing(f"the accelerate command is not installed next to python ({accelerate})")
     one, two = tmp_path / "one.csv", tmp_path / "two.csv"
     common = ["--checkpoint", str(run_dir), "--split", "test", "--device", "cpu"]
     assert cli_predict([*common, "--out", str(one)]) == 0
     capsys.readouterr()
-    launch = [
-        str(accelerate),
-        "launch",
-        "--multi_gpu",  # torchrun; with no GPU the processes run on the CPU (gloo)
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        "-m",
-        "medcap",
-        "predict",
-        *common,
-        "--out",
-        str(two),
-    ]
-    repo = Path(__file__).resolve().parents[2]
-    done = subprocess.run(launch, cwd=repo, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    done = accelerate_launch(
+        [*CPU_DDP, "--num_processes", "2"],  # torchrun; with no GPU the processes run on the CPU (gloo)
+        ["predict", *common, "--out", str(two)],
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "captioned by 2 processes" in done.stderr and done.stderr.count("submission check OK") == 1
     assert two.read_bytes() == one.read_bytes()

@@ -3,9 +3,6 @@ of one process with the same global batch."""
 
 from __future__ import annotations
 
-import csv
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,29 +11,20 @@ from safetensors.torch import load_file
 
 from medcap.cli.train import cmd_train as cli
 from tests.fixtures import (
-    SUBPROCESS_ENV,
+    CPU_DDP,
+    accelerate_launch,
     dropout_free_tiny,
-    free_port,
+    log_rows,
     make_prepared,
     one_thread,
-    skip_missing,
     tiny_overrides,
 )
 
-REPO = Path(__file__).resolve().parents[2]
-ACCELERATE = Path(sys.executable).with_name("accelerate")
 pytestmark = pytest.mark.usefixtures("one_thread")
 _ = one_thread  # imported for pytest to find
 
 
-def _rows(run: Path) -> list[dict[str, str]]:
-    with (run / "log.csv").open(newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def test_two_cpu_processes_match_one_with_the_same_global_batch(tmp_path: Path) -> None:
-    if not ACCELERATE.is_file():
-        skip_missing(f"the accelerate command is not installed next to python ({ACCELERATE})")
     prepared = make_prepared(tmp_path / "prep", n_train=16, n_valid=6, seed=5)
     # Dropout off, so that the only difference between the runs is how the batch is split.
     arch = dropout_free_tiny(tmp_path / "arch")
@@ -50,30 +38,15 @@ def test_two_cpu_processes_match_one_with_the_same_global_batch(tmp_path: Path) 
     }
     # Global batch 4: one process x 4, or two processes x 2.
     assert cli(tiny_overrides(prepared, tmp_path / "one", batch_size=4, **common)) == 0
-    launch = [
-        str(ACCELERATE),
-        "launch",
-        "--multi_gpu",  # with train.cpu true: torch.distributed on the CPU (gloo)
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        "-m",
-        "medcap",
-        "train",
-        *tiny_overrides(prepared, tmp_path / "two", batch_size=2, **common),
-    ]
-    done = subprocess.run(launch, cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    done = accelerate_launch(
+        [*CPU_DDP, "--num_processes", "2"],  # with train.cpu true: torch.distributed on the CPU (gloo)
+        ["train", *tiny_overrides(prepared, tmp_path / "two", batch_size=2, **common)],
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 process(es)" in done.stdout
 
-    one, two = _rows(tmp_path / "one"), _rows(tmp_path / "two")
+    one, two = log_rows(tmp_path / "one"), log_rows(tmp_path / "two")
     assert [(r["step"], r["split"]) for r in one] == [(r["step"], r["split"]) for r in two]
     assert len([r for r in one if r["split"] == "train"]) == 8
     for a, b in zip(one, two, strict=True):

@@ -11,11 +11,9 @@ world of one; fit() refuses that launch with the reason.
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,23 +25,17 @@ from medcap.cli.train import cmd_train as cli
 from medcap.config.recipes import accelerate_config
 from tests.fixtures import (
     SUBPROCESS_ENV,
+    accelerate_launch,
     dropout_free_tiny,
-    free_port,
+    log_rows,
     make_prepared,
     one_thread,
     skip_missing,
     tiny_overrides,
 )
 
-REPO = Path(__file__).resolve().parents[2]
-ACCELERATE = Path(sys.executable).with_name("accelerate")
 pytestmark = pytest.mark.usefixtures("one_thread")
 _ = one_thread  # imported for pytest to find
-
-
-def _rows(run: Path) -> list[dict[str, str]]:
-    with (run / "log.csv").open(newline="") as f:
-        return list(csv.DictReader(f))
 
 
 # ZeRO-3 in the default run (it partitions and gathers everything ZeRO-2 does and the weights too);
@@ -75,11 +67,7 @@ def test_deepspeed_with_optimizer_offload_matches_a_plain_run_and_resumes(tmp_pa
     assert cli(tiny_overrides(prepared, plain, max_steps=8, batch_size=4, **common)) == 0
 
     def launch(args: list[str]) -> subprocess.CompletedProcess[str]:
-        command = [str(ACCELERATE), "launch", "--config_file", str(config)]
-        command += ["--main_process_port", str(free_port()), "-m", "medcap", "train", *args]
-        return subprocess.run(
-            command, cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=900
-        )
+        return accelerate_launch(["--config_file", str(config)], ["train", *args], timeout=900)
 
     ds = tmp_path / "ds"
     first = launch(tiny_overrides(prepared, ds, max_steps=4, batch_size=4, **common))
@@ -91,7 +79,7 @@ def test_deepspeed_with_optimizer_offload_matches_a_plain_run_and_resumes(tmp_pa
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stdout
 
-    a, b = _rows(plain), _rows(ds)
+    a, b = log_rows(plain), log_rows(ds)
     assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
     for x, y in zip(a, b, strict=True):
         # The offloaded AdamW steps on the CPU in fp32: the same arithmetic up to summation order.
@@ -111,11 +99,12 @@ def test_deepspeed_on_several_cpu_processes_is_refused_with_the_reason(tmp_path:
     if importlib.util.find_spec("deepspeed") is None:
         skip_missing("the deepspeed package is not installed: pip install deepspeed (extra 'test')")
     prepared = make_prepared(tmp_path / "prep", n_train=8, n_valid=4, seed=5)
-    command = [str(ACCELERATE), "launch", "--config_file", str(accelerate_config("deepspeed-zero2"))]
-    command += ["--num_processes", "2", "--main_process_port", str(free_port()), "-m", "medcap", "train"]
-    command += tiny_overrides(prepared, tmp_path / "run", max_steps=2)
     cpu_only = {**SUBPROCESS_ENV, "CUDA_VISIBLE_DEVICES": ""}  # the same launch on a GPU machine's CPUs
-    done = subprocess.run(command, cwd=REPO, env=cpu_only, capture_output=True, text=True, timeout=600)
+    done = accelerate_launch(
+        ["--config_file", str(accelerate_config("deepspeed-zero2")), "--num_processes", "2"],
+        ["train", *tiny_overrides(prepared, tmp_path / "run", max_steps=2)],
+        env=cpu_only,
+    )
     assert done.returncode != 0
     assert "DeepSpeed was launched with 2 processes but accelerate sees 1" in done.stdout + done.stderr
 
@@ -157,19 +146,12 @@ def test_deepspeed_trains_from_the_query_cache_as_a_plain_run_does(tmp_path: Pat
     plain = tmp_path / "plain"
     assert cli(tiny_overrides(prepared, plain, **common)) == 0
     ds = tmp_path / "ds"
-    command = [
-        str(ACCELERATE),
-        "launch",
-        "--config_file",
-        str(config),
-        "--main_process_port",
-        str(free_port()),
-    ]
-    command += ["-m", "medcap", "train", *tiny_overrides(prepared, ds, **common)]
-    done = subprocess.run(command, cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=600)
+    done = accelerate_launch(
+        ["--config_file", str(config)], ["train", *tiny_overrides(prepared, ds, **common)]
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "1 process(es) (deepspeed)" in done.stdout
-    a, b = _rows(plain), _rows(ds)
+    a, b = log_rows(plain), log_rows(ds)
     assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
     for x, y in zip(a, b, strict=True):
         assert float(x["loss"]) == pytest.approx(float(y["loss"]), abs=1e-4), (x, y)

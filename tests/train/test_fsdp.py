@@ -11,10 +11,8 @@ tests (one CPU process) are in tests/train/test_deepspeed.py.
 
 from __future__ import annotations
 
-import csv
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,49 +22,26 @@ from safetensors.torch import load_file
 from medcap.cli.train import cmd_train as cli
 from medcap.config.recipes import accelerate_config
 from tests.fixtures import (
-    SUBPROCESS_ENV,
+    accelerate_launch,
     dropout_free_tiny,
-    free_port,
+    log_rows,
     make_prepared,
     one_thread,
-    skip_missing,
     tiny_overrides,
 )
 
-REPO = Path(__file__).resolve().parents[2]
-ACCELERATE = Path(sys.executable).with_name("accelerate")
 pytestmark = pytest.mark.usefixtures("one_thread")
 _ = one_thread  # imported for pytest to find
 
 
-def _rows(run: Path) -> list[dict[str, str]]:
-    with (run / "log.csv").open(newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def _launch(args: list[str]) -> subprocess.CompletedProcess[str]:
-    command = [
-        str(ACCELERATE),
-        "launch",
-        "--config_file",
-        str(accelerate_config("fsdp2")),
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        str(free_port()),
-        "-m",
-        "medcap",
-        "train",
-        *args,
-    ]
-    return subprocess.run(command, cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=400)
+    fsdp2 = ["--config_file", str(accelerate_config("fsdp2")), "--num_processes", "2"]
+    return accelerate_launch(fsdp2, ["train", *args], timeout=400)
 
 
 def test_fsdp_on_two_cpu_processes_matches_one_process_and_resumes_exactly(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    if not ACCELERATE.is_file():
-        skip_missing(f"the accelerate command is not installed next to python ({ACCELERATE})")
     prepared = make_prepared(tmp_path / "prep", n_train=16, n_valid=6, seed=5)
     arch = dropout_free_tiny(tmp_path / "arch")
     common = {
@@ -104,7 +79,7 @@ def test_fsdp_on_two_cpu_processes_matches_one_process_and_resumes_exactly(
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"resumed from {last}" in second.stdout
 
-    a, b = _rows(one), _rows(two)
+    a, b = log_rows(one), log_rows(two)
     assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
     for x, y in zip(a, b, strict=True):
         # log.csv keeps 6 significant digits: allow one unit of that rounding on top of 1e-5.
@@ -130,8 +105,6 @@ def test_fsdp_on_two_cpu_processes_matches_one_process_and_resumes_exactly(
 def test_fsdp_trains_from_the_query_cache_as_one_process_does(tmp_path: Path) -> None:
     """train.query_cache under FSDP: the cached forward goes through a method FSDP registered
     (``sharding.after_prepare``), so the shards are gathered for it; losses equal one process's."""
-    if not ACCELERATE.is_file():
-        skip_missing(f"the accelerate command is not installed next to python ({ACCELERATE})")
     from medcap.cli.train import cmd_features
 
     prepared = make_prepared(tmp_path / "prep", n_train=16, n_valid=6, seed=5)
@@ -161,7 +134,7 @@ def test_fsdp_trains_from_the_query_cache_as_one_process_does(tmp_path: Path) ->
     done = _launch(tiny_overrides(prepared, two, batch_size=2, **common))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 process(es) (fsdp)" in done.stdout
-    a, b = _rows(one), _rows(two)
+    a, b = log_rows(one), log_rows(two)
     assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
     for x, y in zip(a, b, strict=True):
         assert float(x["loss"]) == pytest.approx(float(y["loss"]), abs=2e-5), (x, y)
