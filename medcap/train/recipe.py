@@ -479,6 +479,13 @@ def _accelerator(cfg: RunConfig) -> Any:
     from accelerate.utils import DistributedDataParallelKwargs
 
     tc = cfg.train
+    if tc.cpu and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        # accelerate turns DeepSpeed off for cpu=True and would run a plain process without a word.
+        raise TrainingError(
+            "train.cpu is true, which turns off the DeepSpeed this run was launched with (accelerate "
+            "would train a plain process): set --train.cpu false (without a GPU DeepSpeed runs on the "
+            "CPU by itself) or launch without the DeepSpeed config"
+        )
     from accelerate.state import AcceleratorState
 
     if AcceleratorState._shared_state and AcceleratorState().mixed_precision != tc.mixed_precision:

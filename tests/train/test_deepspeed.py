@@ -157,3 +157,16 @@ def test_deepspeed_trains_from_the_query_cache_as_a_plain_run_does(tmp_path: Pat
         assert float(x["loss"]) == pytest.approx(float(y["loss"]), abs=1e-4), (x, y)
     samples = [json.loads(line) for line in (ds / "samples.jsonl").read_text().splitlines()]
     assert samples and all(s["prediction"] for s in samples)
+
+
+def test_train_cpu_under_a_deepspeed_launch_is_refused_not_run_without_deepspeed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from medcap.config.run import load_run_config
+    from medcap.train.errors import TrainingError
+    from medcap.train.recipe import fit
+
+    prepared = make_prepared(tmp_path / "prep", n_train=8, n_valid=4, seed=5)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what accelerate launch sets for its processes
+    with pytest.raises(TrainingError, match=r"train.cpu is true, which turns off the DeepSpeed"):
+        fit(load_run_config(None, tiny_overrides(prepared, tmp_path / "run", cpu="true")))
