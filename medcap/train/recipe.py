@@ -415,7 +415,8 @@ def setup(cfg: RunConfig) -> Run:
     run.say(
         f"training {len(train_rows)} images ({batches_per_epoch} global batches of {global_batch}, "
         f"{steps_per_epoch} steps/epoch, {total_steps} steps), validating on {len(valid_rows)}; "
-        f"{sum(p.numel() for p in run.trainable):,} trainable parameters"
+        # (ZeRO-3 leaves each parameter an empty partition; ds_numel is its whole size.)
+        f"{sum(getattr(p, 'ds_numel', p.numel()) for p in run.trainable):,} trainable parameters"
         + f"; {world} process(es) ({sharding.strategy(accelerator)}) on {accelerator.device}, mixed "
         f"precision {tc.mixed_precision}"
     )

@@ -73,6 +73,7 @@ def test_deepspeed_with_optimizer_offload_matches_a_plain_run_and_resumes(tmp_pa
     first = launch(tiny_overrides(prepared, ds, max_steps=4, batch_size=4, **common))
     assert first.returncode == 0, first.stderr[-3000:]
     assert "1 process(es) (deepspeed)" in first.stdout
+    assert "; 16,384 trainable parameters;" in first.stdout  # counted whole, not as ZeRO-3's partitions
     # The engine's own checkpoint (its optimizer shard), beside the gathered adapter.
     assert list((ds / "checkpoints" / "last" / "sharded").rglob("*optim_states.pt"))
     second = launch(["--resume", str(ds), "--train.max_steps", "8"])
