@@ -57,10 +57,10 @@ def import_backends() -> None:
     # bitsandbytes' CPU backend warns on every import that an optional hub kernel package
     # ("kernels") is missing: noise to a medcap user (the built-in CPU path is used). Dropped by a
     # filter on that one message, before the record (and its exception) exists.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_OptionalKernelNoise())
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_ThirdPartyNoise())
     # DeepSpeed, when installed, warns at its first use on a machine without a GPU that it "was
     # unable to detect" one; medcap's own lines name the device a run uses.
-    logging.getLogger("DeepSpeed").addFilter(_OptionalKernelNoise())
+    logging.getLogger("DeepSpeed").addFilter(_ThirdPartyNoise())
     failed: list[BaseException] = []
 
     def work() -> None:
@@ -77,7 +77,7 @@ def import_backends() -> None:
         raise failed[0]
 
 
-class _OptionalKernelNoise(logging.Filter):
+class _ThirdPartyNoise(logging.Filter):
     """Drops bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" warning and
     DeepSpeed's "Setting accelerator to CPU"."""
 
@@ -228,14 +228,16 @@ def _build_base(
         if cfg.quantization != "none":
             # Built and dropped inside, so that no caller's name keeps the 16-bit model.
             model = quantize_in_memory(random_model, cfg, model_class, family.quant_skip, keep_weights_in)
-            cpu_safe_4bit_layers(model)
+            if cfg.quantization == "4bit":
+                cpu_safe_4bit_layers(model)
         else:
             model = random_model()
         return model, processor, "random"
     # Pretrained weights: a hub id (the real code path; nothing downloads in tests) or a folder.
     check_hub_model(cfg.name_or_path)
     model = model_class.from_pretrained(cfg.name_or_path, **pretrained_kwargs(cfg, family.quant_skip))
-    cpu_safe_4bit_layers(model)
+    if cfg.quantization == "4bit":
+        cpu_safe_4bit_layers(model)
     return model, family.pretrained_processor(cfg.name_or_path, model), "pretrained"
 
 
