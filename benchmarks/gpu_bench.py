@@ -22,6 +22,10 @@ the A/B); batches are padded to a multiple of 8 (one case without), and every st
 is recorded: per-shape set-up shows as slow steps at new widths. Results of the runs so far are in
 ``benchmarks/results/`` and docs/PERFORMANCE.md.
 
+``--families`` runs ``gpu_bench_families.py`` instead: one shipped config of each image-text-to-text
+family (Qwen2.5-VL QLoRA, Qwen3-VL, LLaVA-NeXT, PaliGemma 2, Idefics3 / SmolVLM, Gemma 3 / MedGemma,
+InstructBLIP), ours against a notebook-style baseline, MFU and the planner's memory, in the same way.
+
 What it does, all in one process on random weights (``random_init``: the shipped config, no hub):
 
 1. measures the card's bf16 matmul rate (8192^3 products) - the denominator of MFU;
@@ -579,7 +583,19 @@ class Bench:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--families" in argv:
+        # One shipped config of each image-text-to-text family: gpu_bench_families.py, its options.
+        import gpu_bench_families
+
+        return gpu_bench_families.main([a for a in argv if a != "--families"])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--families",
+        action="store_true",
+        help="instead: one shipped config of each image-text-to-text family (gpu_bench_families.py; "
+        "its options: --device, --tiny, --steps, --batch-size, --only, --out)",
+    )
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--model", choices=sorted(MODELS), default="blip2-opt-6.7b")
     p.add_argument("--quick", action="store_true", help="fewer cases and steps: under ~8 minutes on an H100")

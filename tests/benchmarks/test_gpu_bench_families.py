@@ -1,4 +1,4 @@
-"""benchmarks/gpu_bench_families.py imports and its CPU path (every family's tiny model) runs end to
+"""benchmarks/gpu_bench_families.py (``gpu_bench.py --families``) imports and its CPU path (every family's tiny model) runs end to
 end: the same code that runs on a lent GPU, minus CUDA. (It has not run on a GPU yet.)"""
 
 from __future__ import annotations
@@ -19,11 +19,14 @@ def test_cpu_tiny_path_runs(monkeypatch, tmp_path):
     import torch
 
     monkeypatch.syspath_prepend(str(BENCH))
+    import gpu_bench
     import gpu_bench_families
 
     torch.set_num_threads(1)
-    code = gpu_bench_families.main(
+    # Through gpu_bench.py, as a GPU session runs it.
+    code = gpu_bench.main(
         [
+            "--families",
             "--device",
             "cpu",
             "--tiny",
