@@ -15,7 +15,11 @@ is built, and the build's own peak apart), the RSS at each line the dry run prin
 total; ``medcap.plan.recorded.RECORDED_FAMILY_PEAKS`` keeps the results the tests hold the planner
 to (within 15%).
 
-Needs up to ~20 GB of free RAM for the 7B models: run it under the flock, one at a time.
+On a CPU the dry run fixes glibc's mmap threshold (``train.dry_run_mmap_threshold_mib``, 1 MiB) so its
+peak RSS is what the step holds; ``--ab-allocator`` runs it twice in fresh processes, glibc's default
+allocator as the baseline, and prints the ratios of peak memory and step time.
+
+Needs up to ~24 GB of free RAM for the 7B models (the 4-bit build): run it under the flock, one at a time.
 """
 
 from __future__ import annotations
@@ -133,7 +137,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cap", type=int, default=32, help="caption tokens (captions are cut there)")
     p.add_argument("--model", help="another model for the config (a family's tiny model: a quick check)")
     p.add_argument("--json", type=Path)
+    p.add_argument(
+        "--mmap-threshold-mib",
+        type=int,
+        default=None,
+        help="train.dry_run_mmap_threshold_mib (default: the config's, 1; 0: glibc's own allocator)",
+    )
+    p.add_argument(
+        "--ab-allocator",
+        action="store_true",
+        help="run twice, each in a fresh process (the setting cannot be undone): glibc's default "
+        "allocator, then the threshold fixed; print the peaks, step times and their ratios",
+    )
     args = p.parse_args(argv)
+    if args.ab_allocator:
+        return ab_allocator(args)
 
     from medcap import plan as plan_lib
     from medcap.config.run import load_run_config
@@ -168,6 +186,11 @@ def main(argv: list[str] | None = None) -> int:
                 progress_bar=False,
                 report_to=["csv"],
                 cpu_threads=2,
+                **(
+                    {"dry_run_mmap_threshold_mib": args.mmap_threshold_mib}
+                    if args.mmap_threshold_mib is not None
+                    else {}
+                ),
             ),
             generate=dataclasses.replace(cfg.generate, max_new_tokens=4, min_new_tokens=0, num_beams=1),
         )
@@ -196,12 +219,52 @@ def main(argv: list[str] | None = None) -> int:
         "build_peak_rss_bytes": trace.build_peak,
         "planner_bytes": int(planned.memory.total),
         "planner_vs_measured": round(planned.memory.total / peak - 1, 4),
+        "mmap_threshold_mib": cfg.train.dry_run_mmap_threshold_mib,
         "cpu_adjustments": result["cpu_adjustments"],
         "rss_by_phase": trace.phases(),
     }
     print(json.dumps(out, indent=1))
     if args.json:
         args.json.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
+def ab_allocator(args: argparse.Namespace) -> int:
+    """The same dry run under glibc's default allocator (baseline) and with the threshold fixed."""
+    import subprocess
+
+    fixed = args.mmap_threshold_mib or 1
+    runs = {}
+    with tempfile.TemporaryDirectory(prefix="medcap-bench-ab-") as tmp:
+        for label, mib in (("glibc default", 0), (f"fixed at {fixed} MiB", fixed)):
+            out = Path(tmp) / f"{mib}.json"
+            cmd = [sys.executable, __file__, "--config", args.config, "--batch-size", str(args.batch_size)]
+            cmd += ["--cap", str(args.cap), "--mmap-threshold-mib", str(mib), "--json", str(out)]
+            cmd += ["--model", args.model] if args.model else []
+            print(f"--- {label}: {' '.join(cmd[1:])}", flush=True)
+            subprocess.run(cmd, check=True)
+            runs[label] = json.loads(out.read_text())
+    base, ours = runs["glibc default"], runs[f"fixed at {fixed} MiB"]
+    summary = {
+        "config": args.config,
+        "model": base["model"],
+        "machine": base["machine"],
+        "planner_bytes": base["planner_bytes"],
+        "runs": runs,
+        "peak_ratio_fixed_over_default": round(ours["peak_rss_bytes"] / base["peak_rss_bytes"], 4),
+        "step_time_ratio_fixed_over_default": round(ours["seconds_per_step"] / base["seconds_per_step"], 4),
+    }
+    for label, r in runs.items():
+        print(
+            f"{label:>18}: peak {gb(r['peak_rss_bytes'])} (planner {r['planner_vs_measured']:+.1%}), "
+            f"{r['seconds_per_step']} s/step"
+        )
+    print(
+        f"fixed / default: peak x{summary['peak_ratio_fixed_over_default']}, "
+        f"step time x{summary['step_time_ratio_fixed_over_default']} (same model, batch, threads; one step each)"
+    )
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     return 0
 
 
