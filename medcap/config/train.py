@@ -109,8 +109,8 @@ class TrainConfig:
     answers memory)."""
     dry_run_mmap_threshold_mib: int = 1
     """--dry-run on a CPU: fix glibc's mmap threshold at this many MiB, so that freed activations leave
-    the process and the peak RSS it reports is what the step holds (glibc's default keeps ~2.5 GB more
-    for a 28-layer QLoRA step); 0 leaves glibc's allocator as it is. Costs page faults: slower steps."""
+    the process and the peak RSS it reports is what the step holds (glibc's default keeps freed blocks
+    for a 28-layer QLoRA step: 3 GB); 0 leaves glibc's allocator as it is. Costs page faults: slower steps."""
     query_cache: Path | None = None
     """Folder of precomputed query embeddings (medcap features): train from them without the vision tower."""
     concept_loss_weight: float = 0.0

@@ -62,10 +62,8 @@ RECORDED_CPU_PEAKS: list[dict[str, Any]] = [
 
 
 #: Full-size dry runs of the other families' shipped configs on this CPU machine (the AVX-512 box, 2
-#: cores, 24 GB shared with other jobs). The entries of 2026-12-02 were measured under glibc's default
-#: allocator, which keeps freed activations (train.dry_run_mmap_threshold_mib was added after them):
-#: they are above what the dry run reads now (Qwen3-VL-4B: 12.45 GB then, 11.06 GB now), so the
-#: planner, under them by 2-14%, is nearer the current dry run than they say.
+#: cores, 24 GB), with the CPU dry run's glibc mmap threshold fixed (train.dry_run_mmap_threshold_mib):
+#: each entry also names what the same bench measured under glibc's default allocator the day before.
 #: ``benchmarks/bench_fullsize_families_cpu.py --config NAME``
 #: runs ``medcap train --dry-run``'s library function on phantom images at the planner's planning
 #: size with captions cut at ``caption_cap``, and records its peak RSS. ``recorded_run_config`` turns
@@ -75,40 +73,44 @@ RECORDED_FAMILY_PEAKS: list[dict[str, Any]] = [
         "config": "smolvlm-2b-lora",
         "batch_size": 1,
         "caption_cap": 32,
-        "peak_rss_bytes": 6_719_160_320,
-        "source": "measured 2026-12-02 on the AVX-512 box (2 cores shared with other jobs, load 10-13): "
-        "bench_fullsize_families_cpu.py --config smolvlm-2b-lora (768 x 768 px: 4 tiles + the global "
-        "view, 477 tokens), VmHWM of the whole process; planner 5.73 GB (-14.7%); "
+        "peak_rss_bytes": 5_873_659_904,
+        "source": "measured 2026-12-03 on the AVX-512 box (idle): bench_fullsize_families_cpu.py --config "
+        "smolvlm-2b-lora (768 x 768 px: 4 tiles + the global view, 477 tokens), the dry run with "
+        "glibc's mmap threshold fixed at 1 MiB, VmHWM from the built model on (build peak 5.14 GB); "
+        "planner 5.77 GB (-1.8%). Under glibc's default allocator (2026-12-02, shared box): 6.72 GB; "
         "results/bench_fullsize_families_cpu_smolvlm-2b-lora_avx512bf16.json",
     },
     {
         "config": "paligemma2-3b-lora",
         "batch_size": 1,
         "caption_cap": 32,
-        "peak_rss_bytes": 8_766_521_344,
-        "source": "measured 2026-12-02 on the AVX-512 box (shared, load 10-14): "
-        "bench_fullsize_families_cpu.py --config paligemma2-3b-lora (224 px, 296 tokens), VmHWM of the "
-        "whole process; planner 8.20 GB "
-        "(-6.4%); results/bench_fullsize_families_cpu_paligemma2-3b-lora_avx512bf16.json",
+        "peak_rss_bytes": 8_365_891_584,
+        "source": "measured 2026-12-03 on the AVX-512 box (idle): bench_fullsize_families_cpu.py --config "
+        "paligemma2-3b-lora (224 px, 296 tokens), the dry run with glibc's mmap threshold fixed at 1 "
+        "MiB, VmHWM from the built model on (build peak 6.72 GB); planner 8.24 GB (-1.5%). Under "
+        "glibc's default allocator (2026-12-02, shared box): 8.77 GB; "
+        "results/bench_fullsize_families_cpu_paligemma2-3b-lora_avx512bf16.json",
     },
     {
         "config": "instructblip-vicuna-7b-lora",
         "batch_size": 1,
         "caption_cap": 32,
-        "peak_rss_bytes": 17_058_250_752,
-        "source": "measured 2026-12-02 on the AVX-512 box (shared, load 10-22): "
-        "bench_fullsize_families_cpu.py --config instructblip-vicuna-7b-lora (224 px, 76 tokens), VmHWM "
-        "of the whole process (16.39 GB after the build); planner 16.68 GB (-2.2%); "
+        "peak_rss_bytes": 17_179_889_664,
+        "source": "measured 2026-12-03 on the AVX-512 box (idle): bench_fullsize_families_cpu.py --config "
+        "instructblip-vicuna-7b-lora (224 px, 76 tokens), the dry run with glibc's mmap threshold "
+        "fixed at 1 MiB, VmHWM from the built model on (build peak 16.47 GB); planner 16.72 GB "
+        "(-2.7%). Under glibc's default allocator (2026-12-02, shared box): 17.06 GB; "
         "results/bench_fullsize_families_cpu_instructblip-vicuna-7b-lora_avx512bf16.json",
     },
     {
         "config": "medgemma-4b-lora",
         "batch_size": 1,
         "caption_cap": 32,
-        "peak_rss_bytes": 11_603_386_368,
-        "source": "measured 2026-12-02 on the AVX-512 box (shared, load 10-16): "
-        "bench_fullsize_families_cpu.py --config medgemma-4b-lora (896 px, 319 tokens), VmHWM from the "
-        "built model on (build peak 9.29 GB); planner 10.87 GB (-6.3%); "
+        "peak_rss_bytes": 11_250_548_736,
+        "source": "measured 2026-12-03 on the AVX-512 box (idle): bench_fullsize_families_cpu.py --config "
+        "medgemma-4b-lora (896 px, 319 tokens), the dry run with glibc's mmap threshold fixed at 1 "
+        "MiB, VmHWM from the built model on (build peak 9.30 GB); planner 10.93 GB (-2.8%). Under "
+        "glibc's default allocator (2026-12-02, shared box): 11.60 GB; "
         "results/bench_fullsize_families_cpu_medgemma-4b-lora_avx512bf16.json",
     },
     {
@@ -137,11 +139,12 @@ RECORDED_FAMILY_PEAKS: list[dict[str, Any]] = [
         "config": "llava-1.6-mistral-7b-lora",
         "batch_size": 1,
         "caption_cap": 32,
-        "peak_rss_bytes": 19_133_042_688,
-        "source": "measured 2026-12-02 on the AVX-512 box (idle, load ~2): "
-        "bench_fullsize_families_cpu.py --config llava-1.6-mistral-7b-lora (672 x 336 px: the largest "
-        "grid of 2 tiles + the base view, 1,815 tokens), VmHWM from the built model on (build peak "
-        "15.74 GB); planner 17.61 GB (-8.0%); "
+        "peak_rss_bytes": 17_161_576_448,
+        "source": "measured 2026-12-03 on the AVX-512 box (idle): bench_fullsize_families_cpu.py --config "
+        "llava-1.6-mistral-7b-lora (672 x 336 px: the largest grid of 2 tiles + the base view, 1,815 "
+        "tokens), the dry run with glibc's mmap threshold fixed at 1 MiB, VmHWM from the built model "
+        "on (build peak 15.76 GB); planner 17.63 GB (+2.8%). Under glibc's default allocator "
+        "(2026-12-02, shared box): 19.13 GB; "
         "results/bench_fullsize_families_cpu_llava-1.6-mistral-7b-lora_avx512bf16.json",
     },
 ]

@@ -91,11 +91,12 @@ def fix_mmap_threshold(nbytes: int) -> bool:
     a training step's mid-size tensors (one layer's activations, a 4-bit layer's dequantised weight)
     come from the heap after the first step; blocks that outlive them (each checkpointed layer's
     input) pin the freed space between them, and the heap never shrinks. Measured on Qwen2.5-VL-7B
-    QLoRA (random weights, this CPU): ~90 MB more peak RSS per decoder layer than the tensors alive,
-    +2.5 GB over the 28 layers, none of it memory the step holds. A GPU's caching allocator reuses
+    QLoRA (random weights, this CPU): peak RSS 14.65 GB under the default, 11.68 GB with the threshold
+    fixed (about 0.1 GB a decoder layer), none of it memory the step holds. A GPU's caching allocator reuses
     such blocks (the planner's slack), so the dry run's peak, the planner's check on a CPU, is made
-    to read what is alive. Costs page faults on every block of 1 MiB or more: the QLoRA step above
-    took ~20% longer, which a dry run of one step can spend. Fixed for good: glibc has no call
+    to read what is alive. Costs page faults on every block of 1 MiB or more: x1.19 step time on that
+    QLoRA model cut to 6 layers, none measurable on Qwen3-VL-4B in bf16; a dry run can spend it
+    (benchmarks/bench_fullsize_families_cpu.py --ab-allocator). Fixed for good: glibc has no call
     that gives back the dynamic threshold.
     """
     import ctypes
