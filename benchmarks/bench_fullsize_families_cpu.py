@@ -186,11 +186,9 @@ def main(argv: list[str] | None = None) -> int:
                 progress_bar=False,
                 report_to=["csv"],
                 cpu_threads=2,
-                **(
-                    {"dry_run_mmap_threshold_mib": args.mmap_threshold_mib}
-                    if args.mmap_threshold_mib is not None
-                    else {}
-                ),
+                dry_run_mmap_threshold_mib=cfg.train.dry_run_mmap_threshold_mib
+                if args.mmap_threshold_mib is None
+                else args.mmap_threshold_mib,
             ),
             generate=dataclasses.replace(cfg.generate, max_new_tokens=4, min_new_tokens=0, num_beams=1),
         )
@@ -233,7 +231,9 @@ def ab_allocator(args: argparse.Namespace) -> int:
     """The same dry run under glibc's default allocator (baseline) and with the threshold fixed."""
     import subprocess
 
-    fixed = args.mmap_threshold_mib or 1
+    from medcap.config.train import TrainConfig
+
+    fixed = args.mmap_threshold_mib or TrainConfig.dry_run_mmap_threshold_mib
     runs = {}
     with tempfile.TemporaryDirectory(prefix="medcap-bench-ab-") as tmp:
         for label, mib in (("glibc default", 0), (f"fixed at {fixed} MiB", fixed)):

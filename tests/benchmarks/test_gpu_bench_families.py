@@ -1,5 +1,6 @@
-"""benchmarks/gpu_bench_families.py (``gpu_bench.py --families``) imports and its CPU path (every family's tiny model) runs end to
-end: the same code that runs on a lent GPU, minus CUDA. (It has not run on a GPU yet.)"""
+"""benchmarks/gpu_bench_families.py (``gpu_bench.py --families``) imports and its CPU path (every
+family's tiny model) runs end to end: the same code that runs on a lent GPU, minus CUDA. (It has not
+run on a GPU yet.)"""
 
 from __future__ import annotations
 

@@ -236,7 +236,7 @@ def decoder_layer_bytes(d: DecoderDims, b: int, s: int, e: ActDtypes) -> int:
     return int(norms + attention + mlp + dropout)
 
 
-def autocast_copy_bytes(d: DecoderDims, trainable: Trainable, model_cfg: Any, mixed_precision: str) -> int:
+def autocast_copy_bytes(d: DecoderDims, trainable: Trainable, model_cfg: Any) -> int:
     """The 16-bit copies autocast makes of fp32 weights and autograd keeps for backward.
 
     * The adapters (PEFT keeps them fp32): autocast caches the cast of a leaf that requires grad for
@@ -245,9 +245,8 @@ def autocast_copy_bytes(d: DecoderDims, trainable: Trainable, model_cfg: Any, mi
       weights): frozen, but its input requires grad, so the product saves the 16-bit weight for the
       input's gradient (vocab x hidden x 2: 1.09 GB for Qwen2.5-VL-7B), outside any checkpointed layer.
       A quantised model's lm_head is never quantised (transformers skips the output embeddings).
+    Only under autocast (the caller's condition).
     """
-    if mixed_precision not in ("fp16", "bf16"):
-        return 0
     copies = 2 * trainable.adapter_params
     if model_cfg.quantization != "none" or model_cfg.precision == "fp32":
         copies += 2 * d.vocab * d.hidden
@@ -378,12 +377,13 @@ class VlmPlanSpec:
             total += 2 * e.attn * s * d.head_dim  # rotary cos / sin, shared by the layers
         if upstream:
             total += self._vision_side_bytes(trainable, model_cfg, b)
-        total += autocast_copy_bytes(d, trainable, model_cfg, mixed_precision) if comps else 0
+        autocast = mixed_precision in ("fp16", "bf16")
+        if comps and autocast:
+            total += autocast_copy_bytes(d, trainable, model_cfg)
         logits = 0
         if comps:
             # The lm_head is a plain Linear (never quantised): its output has autocast's dtype, or
             # its weight's (``e.lin`` is the bitsandbytes layers' output, the fp32 stream under QLoRA).
-            autocast = mixed_precision in ("fp16", "bf16")
             head = 2 if autocast else (4 if model_cfg.quantization != "none" else e.lin)
             logits = int((head + 4 + 4 + 4) * t * d.vocab)
             if d.final_softcap:  # the tanh of the capped logits, kept by the forward
